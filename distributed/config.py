@@ -1,0 +1,278 @@
+"""The run configuration: YAML files and `--set key=value` overrides, loaded into validated dataclasses.
+
+Precedence is command line > YAML > default. Unknown keys are errors that suggest the nearest valid
+key; wrong types and out-of-range values name the key and what is allowed. Every field carries its
+help text in `metadata["help"]`, which `macrun config --help-keys` and the docs print.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distributed.errors import ConfigError
+
+
+def _f(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
+       min: float | None = None, max: float | None = None, gt: float | None = None) -> Any:
+    """A dataclass field with help text and the checks `validate` applies."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "gt": gt}
+    return field(default=default, metadata=meta)
+
+
+# Model sizes: (n_layer, n_head, n_embd). "gpt2-small" is GPT-2's 124M layout with a 256-byte vocabulary.
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 2, 64),
+    "mini": (4, 4, 128),
+    "small": (6, 6, 384),
+    "medium": (8, 8, 512),
+    "gpt2-small": (12, 12, 768),
+}
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    name: str = _f("quickstart", "Name of the run; checkpoints and logs go to <output_dir>/<name>.")
+    output_dir: str = _f("runs", "Directory (on the master) that holds every run's folder.")
+    seed: int = _f(0, "Seed for weight initialisation and data order.", min=0)
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    arch: str = _f("gpt", "Model architecture.", choices=("gpt",))
+    size: str = _f("tiny", "Size preset; n_layer/n_head/n_embd override it.", choices=tuple(MODEL_SIZES))
+    n_layer: int | None = _f(None, "Transformer blocks (default: from size).", min=1)
+    n_head: int | None = _f(None, "Attention heads per block (default: from size).", min=1)
+    n_embd: int | None = _f(None, "Embedding width; a multiple of n_head (default: from size).", min=1)
+    dropout: float = _f(0.0, "Dropout probability (0 keeps runs exactly reproducible).", min=0.0, max=0.9)
+
+    def dims(self) -> tuple[int, int, int]:
+        """The resolved (n_layer, n_head, n_embd)."""
+        layer, head, embd = MODEL_SIZES[self.size]
+        return (self.n_layer or layer, self.n_head or head, self.n_embd or embd)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    source: str = _f("builtin:stdlib",
+                     "A text file, a folder of text files, a .jsonl file with a 'text' field, or "
+                     "'builtin:stdlib' (this Python's standard library source, no download needed).")
+    max_bytes: int = _f(8_000_000, "Read at most this many bytes of the source (0 = all).", min=0)
+    seq_len: int = _f(128, "Tokens per training sequence (bytes: the vocabulary is 256 byte values).", min=8)
+    val_share: float = _f(0.05, "Share of the data held out for validation.", gt=0.0, max=0.5)
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = _f(1000, "Optimizer steps (per rank; each rank sees its own shard).", min=1)
+    batch_size: int = _f(16, "Sequences per step on each rank.", min=1)
+    lr: float = _f(3e-3, "Peak learning rate of AdamW.", gt=0.0, max=1.0)
+    min_lr: float = _f(3e-4, "Learning rate at the end of the cosine decay.", min=0.0, max=1.0)
+    warmup_steps: int = _f(50, "Steps of linear warm-up from 0 to lr.", min=0)
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay.", min=0.0, max=1.0)
+    beta1: float = _f(0.9, "AdamW beta1.", min=0.0, max=0.999999)
+    beta2: float = _f(0.95, "AdamW beta2.", min=0.0, max=0.999999)
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = no clipping).", min=0.0)
+    eval_interval: int = _f(100, "Steps between validation-loss measurements (0 = only at the end).", min=0)
+    eval_batches: int = _f(8, "Batches averaged for one validation loss.", min=1)
+    checkpoint_interval: int = _f(500, "Steps between checkpoints (0 = only at the end).", min=0)
+    keep_checkpoints: int = _f(3, "How many recent checkpoints to keep.", min=1)
+    log_interval: int = _f(10, "Steps between progress lines.", min=1)
+
+
+@dataclass(kw_only=True, slots=True)
+class StrategyConfig:
+    mode: str = _f("auto", "How ranks combine their work: per-step allreduce (ddp), DiLoCo, or "
+                   "auto (chosen from measured step time and link speed).", choices=("auto", "ddp", "diloco"))
+    inner_steps: int = _f(100, "DiLoCo: local AdamW steps between synchronisations (H).", min=1)
+    outer_lr: float = _f(0.7, "DiLoCo: outer learning rate.", gt=0.0, max=10.0)
+    outer_momentum: float = _f(0.9, "DiLoCo: outer momentum.", min=0.0, max=0.999999)
+    nesterov: bool = _f(True, "DiLoCo: use Nesterov momentum in the outer step.")
+    exchange_dtype: str = _f("float32", "DiLoCo: precision of the pseudo-gradient exchange.",
+                             choices=("float32", "bfloat16", "float16", "int8"))
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run identity and output."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The training data."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "The training loop."})
+    strategy: StrategyConfig = field(default_factory=StrategyConfig,
+                                     metadata={"help": "How ranks cooperate."})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{prefix}{close[0]}'?"
+    return f"valid keys here: {', '.join(prefix + v for v in valid)}"
+
+
+def _types_of(annotation: Any) -> tuple[type, ...]:
+    """The concrete types a field annotation admits (`int | None` -> (int, NoneType))."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {})  # annotations here are simple builtins
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(typing.get_args(annotation))
+    return (annotation,)
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    allowed = _types_of(annotation)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{path}: a value is required")
+    for kind in allowed:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif kind is str:
+            if isinstance(value, str):
+                return value
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise ConfigError(f"{path}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def _check(path: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+        lo, hi, gt = meta.get("min"), meta.get("max"), meta.get("gt")
+        if lo is not None and value < lo:
+            raise ConfigError(f"{path}: must be >= {lo}, got {value!r}")
+        if gt is not None and value <= gt:
+            raise ConfigError(f"{path}: must be > {gt}, got {value!r}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{path}: must be <= {hi}, got {value!r}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key '{where}'", hint=_suggest(str(key), list(fields), f"{path}." if path else ""))
+        f = fields[key]
+        if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
+            kwargs[key] = _build(f.default_factory, value, where)  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _coerce(where, value, f.type)
+            _check(where, kwargs[key], f.metadata)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Checks that involve several keys."""
+    layer, head, embd = cfg.model.dims()
+    if embd % head:
+        raise ConfigError(f"model.n_embd ({embd}) must be a multiple of model.n_head ({head})")
+    if (embd // head) % 2:
+        raise ConfigError(f"model: head width n_embd/n_head = {embd // head} must be even")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"train.min_lr ({cfg.train.min_lr}) must not exceed train.lr ({cfg.train.lr})")
+    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
+        raise ConfigError(f"run.name: {cfg.run.name!r} is not a valid folder name")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `train.steps=200` into (['train', 'steps'], 200); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value",
+                          hint="for example: --set train.steps=200")
+    key, _, raw = text.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override '{text}': the key must be section.key, e.g. train.steps")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def config_from_dict(data: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a validated Config from a plain mapping plus `section.key=value` overrides."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        bucket = merged.setdefault(section, {})
+        if not isinstance(bucket, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys")
+        bucket[key] = value
+    cfg = _build(Config, merged, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} not found",
+                              hint="pass one of the files in configs/, e.g. configs/quickstart.yaml") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ConfigError(f"{p}: not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections "
+                              f"(run, model, data, train, strategy)")
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as exc:
+        if path is not None:
+            exc.message = f"{path}: {exc.message}"
+            exc.args = (exc.message,)
+        raise
+
+
+def describe_keys() -> list[tuple[str, str, Any]]:
+    """(key, help, default) for every config key, for help output and docs."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory  # type: ignore[misc]
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            rows.append((f"{section.name}.{f.name}", f.metadata.get("help", ""), f.default))
+    return rows

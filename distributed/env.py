@@ -1,0 +1,90 @@
+"""The env contract: what every rank finds in its environment, read into one frozen dataclass.
+
+torchrun's names and meanings (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT) so `init_method="env://"` scripts work; MLX_RANK and MLX_HOSTFILE so an unmodified
+`mx.distributed.init()` works; MACRUN_* for macrun's own worker. MASTER_ADDR/MASTER_PORT point at
+macrun's rendezvous store; a PyTorch script gets its own port (MASTER_PORT is free for it to use
+only when macrun's worker is not running, see README).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from distributed.errors import EnvContractError
+
+LINKS = ("thunderbolt", "network", "local")
+
+
+@dataclass(frozen=True, slots=True)
+class RankEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    run_id: str
+    secret: str = field(repr=False)  # never shown in reprs or tracebacks
+    link: str = "local"
+    mlx_hostfile: str | None = None
+    store_port: int | None = None  # macrun's rendezvous store (MACRUN_STORE_PORT); defaults to master_port
+
+    def to_environ(self) -> dict[str, str]:
+        env = {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+            "MLX_RANK": str(self.rank),
+            "MACRUN_RUN_ID": self.run_id,
+            "MACRUN_SECRET": self.secret,
+            "MACRUN_LINK": self.link,
+            "MACRUN_STORE_PORT": str(self.store_port if self.store_port is not None else self.master_port),
+        }
+        if self.mlx_hostfile:
+            env["MLX_HOSTFILE"] = self.mlx_hostfile
+        return env
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> RankEnv:
+        """Read the contract, naming the first missing or malformed variable."""
+        e = os.environ if environ is None else environ
+
+        def need(name: str) -> str:
+            value = e.get(name)
+            if value is None or value == "":
+                raise EnvContractError(
+                    f"environment variable {name} is not set",
+                    hint="start this program with `macrun run` or `macrun train`, which set it")
+            return value
+
+        def number(name: str, low: int = 0) -> int:
+            raw = need(name)
+            try:
+                value = int(raw)
+            except ValueError:
+                raise EnvContractError(f"environment variable {name}={raw!r} is not an integer") from None
+            if value < low:
+                raise EnvContractError(f"environment variable {name}={value} must be >= {low}")
+            return value
+
+        rank, world = number("RANK"), number("WORLD_SIZE", 1)
+        if rank >= world:
+            raise EnvContractError(f"RANK={rank} is not below WORLD_SIZE={world}")
+        local_rank, local_world = number("LOCAL_RANK"), number("LOCAL_WORLD_SIZE", 1)
+        if local_rank >= local_world:
+            raise EnvContractError(f"LOCAL_RANK={local_rank} is not below LOCAL_WORLD_SIZE={local_world}")
+        link = e.get("MACRUN_LINK", "local")
+        if link not in LINKS:
+            raise EnvContractError(f"MACRUN_LINK={link!r} is not one of {', '.join(LINKS)}")
+        master_port = number("MASTER_PORT", 1)
+        store_port = int(e["MACRUN_STORE_PORT"]) if e.get("MACRUN_STORE_PORT") else master_port
+        return cls(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
+                   master_addr=need("MASTER_ADDR"), master_port=master_port,
+                   run_id=need("MACRUN_RUN_ID"), secret=need("MACRUN_SECRET"), link=link,
+                   mlx_hostfile=e.get("MLX_HOSTFILE") or None, store_port=store_port)

@@ -1,0 +1,1 @@
+"""macrun's driver side: hosts, SSH, preflight, sync, rendezvous and job control."""
