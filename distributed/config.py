@@ -52,6 +52,9 @@ class ModelConfig:
     n_layer: int | None = _f(None, "Transformer blocks (default: from size).", min=1)
     n_head: int | None = _f(None, "Attention heads per block (default: from size).", min=1)
     n_embd: int | None = _f(None, "Embedding width; a multiple of n_head (default: from size).", min=1)
+    activation: str = _f("gelu", "MLP activation: gelu (GPT-2) or relu2, squared ReLU (So et al. 2021, Primer), "
+                         "which needs no exp/erf and so trains several times faster on a CPU.",
+                         choices=("gelu", "relu2"))
     dropout: float = _f(0.0, "Dropout probability (0 keeps runs exactly reproducible).", min=0.0, max=0.9)
 
     def dims(self) -> tuple[int, int, int]:
@@ -185,10 +188,12 @@ def _build(cls: type, data: Any, path: str) -> Any:
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in fields:
-            raise ConfigError(f"unknown key '{where}'", hint=_suggest(str(key), list(fields), f"{path}." if path else ""))
+            prefix = f"{path}." if path else ""
+            raise ConfigError(f"unknown key '{where}'", hint=_suggest(str(key), list(fields), prefix))
         f = fields[key]
-        if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
-            kwargs[key] = _build(f.default_factory, value, where)  # type: ignore[arg-type]
+        factory = f.default_factory
+        if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+            kwargs[key] = _build(factory, value, where)  # type: ignore[arg-type]
         else:
             kwargs[key] = _coerce(where, value, f.type)
             _check(where, kwargs[key], f.metadata)
