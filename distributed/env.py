@@ -30,6 +30,7 @@ class RankEnv:
     secret: str = field(repr=False)  # never shown in reprs or tracebacks
     link: str = "local"
     mlx_hostfile: str | None = None
+    store_addr: str | None = None  # macrun's rendezvous store (MACRUN_STORE_ADDR); defaults to master_addr
     store_port: int | None = None  # macrun's rendezvous store (MACRUN_STORE_PORT); defaults to master_port
 
     def to_environ(self) -> dict[str, str]:
@@ -44,6 +45,7 @@ class RankEnv:
             "MACRUN_RUN_ID": self.run_id,
             "MACRUN_SECRET": self.secret,
             "MACRUN_LINK": self.link,
+            "MACRUN_STORE_ADDR": self.store_addr or self.master_addr,
             "MACRUN_STORE_PORT": str(self.store_port if self.store_port is not None else self.master_port),
         }
         if self.mlx_hostfile:
@@ -87,4 +89,5 @@ class RankEnv:
         return cls(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
                    master_addr=need("MASTER_ADDR"), master_port=master_port,
                    run_id=need("MACRUN_RUN_ID"), secret=need("MACRUN_SECRET"), link=link,
-                   mlx_hostfile=e.get("MLX_HOSTFILE") or None, store_port=store_port)
+                   mlx_hostfile=e.get("MLX_HOSTFILE") or None,
+                   store_addr=e.get("MACRUN_STORE_ADDR") or None, store_port=store_port)

@@ -1,0 +1,224 @@
+"""The training loop: model, data, AdamW with warm-up and cosine decay, a strategy, eval, checkpoints, metrics.
+
+One function, `train`, runs on every rank (with world size 1 it is plain single-process training). The
+strategy decides what ranks exchange (nothing, gradients every step, or DiLoCo pseudo-gradients); the loop
+itself only computes, logs and saves. Rank 0 alone prints progress, writes metrics.jsonl and checkpoints.
+
+    python -m distributed.worker configs/quickstart.yaml --data runs/quickstart/data --run-dir runs/quickstart
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from distributed import __version__
+from distributed.checkpoint import flatten_tree, latest_checkpoint, save_checkpoint, unflatten_tree
+from distributed.config import Config, TrainConfig
+from distributed.data import BatchSampler, val_batches
+from distributed.errors import CheckpointError
+from distributed.models.gpt import build_model, count_params, loss_fn
+from distributed.strategy import LocalStrategy, Strategy
+
+
+def lr_at(step: int | mx.array, t: TrainConfig) -> Any:
+    """Learning rate for a 0-based step: linear warm-up to `lr` (step 0 already trains), then cosine to `min_lr`.
+
+    Works on Python numbers (for display) and on mx arrays (inside the optimizer).
+    """
+    if isinstance(step, mx.array):
+        s = step.astype(mx.float32)
+        warm = t.lr * (s + 1) / (t.warmup_steps + 1)
+        progress = mx.clip((s - t.warmup_steps) / max(1, t.steps - t.warmup_steps), 0.0, 1.0)
+        cosine = t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + mx.cos(math.pi * progress))
+        return mx.where(s < t.warmup_steps, warm, cosine)
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / (t.warmup_steps + 1)
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float
+    val_loss: float | None
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    checkpoint: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_optimizer(cfg: Config) -> optim.AdamW:
+    t = cfg.train
+    return optim.AdamW(learning_rate=partial(lr_at, t=t), betas=[t.beta1, t.beta2],
+                       weight_decay=t.weight_decay)
+
+
+def _versions() -> dict[str, str]:
+    return {"macrun": __version__, "mlx": mx.__version__, "python": platform.python_version()}
+
+
+def _fmt_count(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_size: int = 1,
+          strategy: Strategy | None = None, resume: bool = False, stop_at: int | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train `cfg` on this rank's shard of the prepared data in `data_dir`.
+
+    `resume` continues from the newest valid checkpoint in `run_dir/checkpoints` (corrupt ones are skipped
+    with a warning). `stop_at` ends the run early at that step (with a checkpoint), as an interruption would.
+    """
+    t = cfg.train
+    strategy = strategy or LocalStrategy()
+    is_main = rank == 0
+    say = log if is_main else (lambda _msg: None)
+    ckpt_root = run_dir / "checkpoints"
+
+    model = build_model(cfg.model, cfg.data.seq_len, cfg.run.seed)
+    optimizer = make_optimizer(cfg)
+    optimizer.init(model.trainable_parameters())
+    start_step = 0
+    if resume:
+        ckpt, warnings = latest_checkpoint(ckpt_root)
+        for w in warnings:
+            log(f"warning: {w}")
+        if ckpt is None:
+            say(f"no checkpoint in {ckpt_root}: starting from step 0")
+        else:
+            if ckpt.meta.get("config", {}).get("model") != cfg.to_dict()["model"]:
+                raise CheckpointError(f"{ckpt.path} was written for another model ({ckpt.meta['config']['model']})",
+                                      hint="resume with the config the run was started with")
+            model.update(unflatten_tree(ckpt.groups["model"]))
+            optimizer.state = unflatten_tree(ckpt.groups["optimizer"])
+            strategy.restore(ckpt.groups)
+            start_step = ckpt.step
+            say(f"resumed from {ckpt.path} (step {ckpt.step})")
+    strategy.setup(model, rank=rank, world_size=world_size)
+
+    sampler = BatchSampler(data_dir / "train.bin", cfg.data.seq_len, t.batch_size, rank, world_size, cfg.run.seed)
+    evals = [(mx.array(x), mx.array(y)) for x, y in
+             val_batches(data_dir / "val.bin", cfg.data.seq_len, t.batch_size, t.eval_batches)]
+    n_params = count_params(model)
+    say(f"model {cfg.model.arch}-{cfg.model.size}: {n_params / 1e6:.2f}M parameters · "
+        f"{world_size} rank(s) × batch {t.batch_size} × {cfg.data.seq_len} tokens · strategy {strategy.name}")
+
+    state = [model.state, optimizer.state, mx.random.state]
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def train_step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+        loss, grads = value_and_grad(model, x, y)
+        grads = strategy.reduce_gradients(grads)
+        if t.grad_clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, t.grad_clip)
+        else:
+            norm = mx.array(0.0)
+        optimizer.update(model, grads)
+        return loss, norm
+
+    @partial(mx.compile, inputs=model.state)
+    def eval_step(x: mx.array, y: mx.array) -> mx.array:
+        return loss_fn(model, x, y)
+
+    def evaluate() -> float:
+        model.eval()
+        losses = [eval_step(x, y) for x, y in evals]
+        model.train()
+        return float(mx.mean(mx.stack(losses)).item())
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if is_main else None
+    history: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any]) -> None:
+        history.append(row)
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
+    def checkpoint(step: int, loss: float, val_loss: float | None) -> Path | None:
+        if not is_main:
+            return None
+        groups = {"model": flatten_tree(model.parameters()), "optimizer": flatten_tree(optimizer.state)}
+        groups.update(strategy.state_groups())
+        meta = {"config": cfg.to_dict(), "loss": loss, "val_loss": val_loss, "world_size": world_size,
+                "strategy": strategy.name, "versions": _versions()}
+        path = save_checkpoint(ckpt_root, step, groups, meta, keep=t.keep_checkpoints)
+        say(f"checkpoint {path}")
+        return path
+
+    end = t.steps if stop_at is None else min(stop_at, t.steps)
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    model.train()
+    x, y = (mx.array(a) for a in sampler.batch(start_step))
+    loss_sum, loss_n, window_start, window_tokens = 0.0, 0, time.perf_counter(), 0
+    started = time.perf_counter()
+    last_loss, val_loss, ckpt_path = float("nan"), None, None
+    step = start_step
+    for step in range(start_step, end):
+        loss, _norm = train_step(x, y)
+        mx.async_eval(loss, state)
+        if step + 1 < end:  # prepare the next batch while this step computes
+            x, y = (mx.array(a) for a in sampler.batch(step + 1))
+        last_loss = loss.item()
+        strategy.after_step(model, optimizer, step + 1)
+        loss_sum, loss_n, window_tokens = loss_sum + last_loss, loss_n + 1, window_tokens + tokens_per_step
+        done = step + 1
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"loss became {last_loss} at step {done}; lower train.lr or check the data")
+        is_eval = (t.eval_interval and done % t.eval_interval == 0) or done == end
+        if done % t.log_interval == 0 or is_eval:
+            now = time.perf_counter()
+            tps = window_tokens * world_size / max(now - window_start, 1e-9)
+            row = {"step": done, "loss": loss_sum / loss_n, "lr": float(lr_at(step, t)),
+                   "tokens_per_s": tps, "bytes_sent": strategy.bytes_sent, "comm_seconds": strategy.comm_seconds,
+                   "time": now - started}
+            if is_eval:
+                val_loss = evaluate()
+                row["val_loss"] = val_loss
+            record(row)
+            left = (now - started) / max(done - start_step, 1) * (t.steps - done)
+            say(f"step {done}/{t.steps} · loss {row['loss']:.3f}"
+                + (f" · val {val_loss:.3f}" if is_eval else "")
+                + f" · lr {row['lr']:.2e} · {_fmt_count(tps)} tok/s · {_fmt_time(now - started)} elapsed, "
+                  f"~{_fmt_time(left)} left")
+            loss_sum, loss_n, window_start, window_tokens = 0.0, 0, time.perf_counter(), 0
+        if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == end:
+            ckpt_path = checkpoint(done, last_loss, val_loss) or ckpt_path
+
+    seconds = time.perf_counter() - started
+    trained = (step + 1 - start_step) if end > start_step else 0
+    tokens = trained * tokens_per_step * world_size
+    if metrics_file:
+        metrics_file.close()
+    return TrainResult(step=end, loss=last_loss, val_loss=val_loss, tokens=tokens, seconds=seconds,
+                       tokens_per_s=tokens / max(seconds, 1e-9), checkpoint=ckpt_path, history=history)
+
+
+def weights_checksum(model: nn.Module) -> float:
+    """A cheap fingerprint of all weights, compared across ranks to prove they agree."""
+    leaves = [v for _, v in flatten_tree(model.parameters()).items()]
+    return float(sum(np.float64(mx.sum(v.astype(mx.float32)).item()) for v in leaves))

@@ -1,0 +1,84 @@
+"""The training entry point on every rank: `python -m distributed.worker CONFIG --data DIR --run-dir DIR`.
+
+The launcher (`macrun train`) starts one of these per rank with the env contract set; started by hand
+without it, the worker trains alone as rank 0 of 1. It joins the rendezvous (heartbeats), initialises
+`mx.distributed` (ring backend) when there is more than one rank, picks the strategy and trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from distributed.config import Config, load_config
+from distributed.env import RankEnv
+from distributed.errors import MacrunError
+from distributed.strategy import DDPStrategy, Strategy
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m distributed.worker", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="the run's YAML config")
+    p.add_argument("--data", required=True, help="folder with train.bin/val.bin made by prepare_data")
+    p.add_argument("--run-dir", required=True, help="folder for checkpoints and metrics")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("--stop-at", type=int, default=None, help="end early at this step (with a checkpoint)")
+    return p.parse_args(argv)
+
+
+def choose_strategy(cfg: Config, env: RankEnv | None) -> tuple[Strategy, str]:
+    """The strategy for this run and the reason, printed by rank 0."""
+    from distributed.strategy import LocalStrategy
+
+    if env is None or env.world_size == 1:
+        return LocalStrategy(), "one rank: nothing to exchange"
+    import mlx.core as mx
+
+    group = mx.distributed.init(backend="ring", strict=True)
+    mode = cfg.strategy.mode
+    if mode == "diloco":
+        raise MacrunError("strategy.mode=diloco is not available yet in this version",
+                          hint="use --set strategy.mode=ddp (or auto)")
+    reason = "strategy.mode=ddp" if mode == "ddp" else f"auto: {env.link} link → per-step allreduce"
+    return DDPStrategy(group), reason
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        env = RankEnv.from_environ() if "RANK" in os.environ else None
+        rank, world = (env.rank, env.world_size) if env else (0, 1)
+        heartbeat = None
+        if env is not None and env.world_size > 0 and os.environ.get("MACRUN_SECRET"):
+            from distributed.store import StoreClient, start_heartbeat
+
+            client = StoreClient.from_env(env)
+            heartbeat = start_heartbeat(client, env.rank)
+        strategy, reason = choose_strategy(cfg, env)
+        if rank == 0:
+            print(f"strategy {strategy.name}: {reason}", flush=True)
+        from distributed.train import train
+
+        result = train(cfg, data_dir=Path(args.data), run_dir=Path(args.run_dir), rank=rank, world_size=world,
+                       strategy=strategy, resume=args.resume, stop_at=args.stop_at,
+                       log=lambda m: print(m, flush=True))
+        if rank == 0:
+            val = f"{result.val_loss:.3f}" if result.val_loss is not None else "n/a"
+            print(f"done: step {result.step} · loss {result.loss:.3f} · val {val} · "
+                  f"{result.tokens_per_s:,.0f} tok/s over {result.seconds:.1f} s", flush=True)
+        if heartbeat is not None:
+            heartbeat.set()
+        return 0
+    except MacrunError as exc:
+        print(f"error: {exc.message}", file=sys.stderr, flush=True)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
