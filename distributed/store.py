@@ -1,0 +1,725 @@
+"""The rendezvous store: a small authenticated TCP key-value store that the launcher serves on the master.
+
+Every rank (and the launcher itself) uses it to meet: publish addresses, count arrivals, pass barriers and
+send heartbeats. Stdlib only, because it is imported on every remote host.
+
+Protocol
+--------
+Framing: every message is a frame, a 4-byte big-endian length followed by that many bytes. A request is a
+JSON header frame (``{"op": "set", "key": "k", "body": true}``) optionally followed by one raw-bytes frame
+(values are bytes, never pickle); a reply is a JSON header (``{"ok": true, ...}`` or ``{"ok": false,
+"error": code, "message": text}``) optionally followed by one bytes frame. Headers are limited to
+``HEADER_LIMIT`` (64 KiB), values to ``VALUE_LIMIT`` (64 MiB); a frame over its limit or a header that is
+not a JSON object closes the connection.
+
+Authentication comes first and is mutual; nothing else is read before it succeeds:
+
+1. server -> client: ``MAGIC || server_nonce`` (32 random bytes);
+2. client -> server: ``client_nonce || HMAC-SHA256(secret, server_nonce || client_nonce || "client")``;
+3. server checks with ``hmac.compare_digest``; on failure it sends ``\\x00`` and closes, on success
+   ``\\x01 || HMAC-SHA256(secret, client_nonce || server_nonce || "server")``, which the client checks in
+   turn, so a rank never talks to an impostor. The distinct labels stop a proof being reflected back.
+
+A peer that sends no valid proof within ``handshake_timeout`` (5 s), sends garbage or an oversized frame is
+disconnected, counted in ``StoreServer.refused`` and logged once ("rendezvous: refused 10.0.0.7:53122 (bad
+proof)"); everyone else is unaffected (one thread per connection). The secret itself never crosses the
+wire and never appears in a repr, an exception or a log line. Traffic is not encrypted: values travel in
+clear on the LAN, so the store carries coordinates, never credentials.
+
+Ops: set, get (blocks until the key exists), check, add (atomic integer counter stored as ASCII
+digits), wait, delete, barrier (reusable: each round that completes bumps a per-name generation) and
+heartbeat (the server stamps its own monotonic clock, so hosts' clock skew does not matter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import selectors
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from distributed.errors import RendezvousError
+
+if TYPE_CHECKING:
+    from distributed.env import RankEnv
+
+HEADER_LIMIT = 64 * 1024
+VALUE_LIMIT = 64 * 1024 * 1024
+HANDSHAKE_LIMIT = 256
+MAGIC = b"macrun-rendezvous/1 "
+NONCE_BYTES = 32
+_LEN = struct.Struct(">I")
+_CLIENT_LABEL, _SERVER_LABEL = b"client", b"server"
+_ACCEPT, _REJECT = b"\x01", b"\x00"
+_LOST_HINT = "the launcher on the master stopped, or the network between this host and the master dropped"
+
+
+def new_secret() -> str:
+    """A fresh per-run secret (64 hex characters) for `MACRUN_SECRET`."""
+    return secrets.token_hex(32)
+
+
+class _Secret:
+    """Holds the secret so that no repr, traceback-with-locals or f-string can show it."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, secret: str) -> None:
+        if not secret:
+            raise RendezvousError("the rendezvous secret is empty",
+                                  hint="start ranks with `macrun`, which sets MACRUN_SECRET")
+        self._key = secret.encode()
+
+    def proof(self, first: bytes, second: bytes, label: bytes) -> bytes:
+        return compute_proof(self._key, first, second, label)
+
+    def reveal(self) -> str:
+        return self._key.decode()
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+
+def compute_proof(key: bytes, first: bytes, second: bytes, label: bytes) -> bytes:
+    """HMAC-SHA256(key, first || second || label): the handshake's proof of knowing the secret."""
+    return hmac.new(key, first + second + label, hashlib.sha256).digest()
+
+
+# --- framing ---------------------------------------------------------------------------------------------
+
+
+class FrameError(RendezvousError):
+    """A frame could not be read; `kind` is "closed", "oversized" or "timeout"."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """Length prefix + payload."""
+    return _LEN.pack(len(payload)) + bytes(payload)
+
+
+def send_frame(sock: socket.socket, payload: bytes) -> None:
+    """Send one frame; large payloads go without an extra copy."""
+    if len(payload) <= HEADER_LIMIT:
+        sock.sendall(encode_frame(payload))
+    else:
+        sock.sendall(_LEN.pack(len(payload)))
+        sock.sendall(payload)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FrameError("timeout", f"timed out after {got} of {n} bytes")
+            sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:], min(n - got, 1 << 20))
+        except TimeoutError:
+            raise FrameError("timeout", f"timed out after {got} of {n} bytes") from None
+        if k == 0:
+            raise FrameError("closed", f"peer closed the connection after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket, limit: int, deadline: float | None = None) -> bytes:
+    """Read one frame of at most `limit` bytes, by the monotonic `deadline` if given.
+
+    The length is checked before the body is read, so a huge length prefix costs nothing."""
+    (n,) = _LEN.unpack(_recv_exact(sock, 4, deadline))
+    if n > limit:
+        raise FrameError("oversized", f"frame of {n} bytes is over the {limit}-byte limit")
+    return _recv_exact(sock, n, deadline)
+
+
+def _format_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- the table (shared by the server's connections and the launcher) --------------------------------------
+
+
+class _OpError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class _Barrier:
+    world_size: int
+    arrived: int = 0
+    generation: int = 0
+
+
+class _Table:
+    """The data and its one condition variable; every blocking op waits on it."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.data: dict[str, bytes] = {}
+        self.barriers: dict[str, _Barrier] = {}
+        self.beats: dict[int, float] = {}
+        self.closed = False
+
+    def _wait(self, ready: Callable[[], bool], timeout: float) -> bool:
+        ok = self.cond.wait_for(lambda: self.closed or ready(), timeout)
+        if self.closed:
+            raise _OpError("closing", "the rendezvous store is shutting down")
+        return ok
+
+    def set(self, key: str, value: bytes) -> None:
+        with self.cond:
+            self.data[key] = bytes(value)
+            self.cond.notify_all()
+
+    def get(self, key: str, timeout: float) -> bytes:
+        with self.cond:
+            if not self._wait(lambda: key in self.data, timeout):
+                raise _OpError("timeout", f"key {key!r} did not appear within {timeout:g} s")
+            return self.data[key]
+
+    def check(self, keys: list[str]) -> bool:
+        with self.cond:
+            return all(k in self.data for k in keys)
+
+    def wait(self, keys: list[str], timeout: float) -> None:
+        with self.cond:
+            if not self._wait(lambda: all(k in self.data for k in keys), timeout):
+                missing = [k for k in keys if k not in self.data]
+                raise _OpError("timeout", f"keys {missing} did not appear within {timeout:g} s")
+
+    def add(self, key: str, amount: int) -> int:
+        with self.cond:
+            try:
+                value = int(self.data.get(key, b"0")) + amount
+            except ValueError:
+                raise _OpError("bad_request", f"key {key!r} holds a value that is not a counter") from None
+            self.data[key] = str(value).encode()
+            self.cond.notify_all()
+            return value
+
+    def delete(self, key: str) -> bool:
+        with self.cond:
+            return self.data.pop(key, None) is not None
+
+    def barrier(self, name: str, world_size: int, timeout: float) -> None:
+        with self.cond:
+            state = self.barriers.setdefault(name, _Barrier(world_size))
+            if state.world_size != world_size:
+                if state.arrived:
+                    raise _OpError("bad_request", f"barrier {name!r} called with world size {world_size} "
+                                                  f"while others wait with {state.world_size}")
+                state.world_size = world_size
+            generation = state.generation
+            state.arrived += 1
+            if state.arrived == world_size:
+                state.arrived, state.generation = 0, generation + 1
+                self.cond.notify_all()
+                return
+            if not self._wait(lambda: state.generation != generation, timeout):
+                arrived = state.arrived
+                state.arrived -= 1  # we leave, so a retry counts us once
+                raise _OpError("timeout", f"barrier {name!r} timed out after {timeout:g} s with "
+                                          f"{arrived} of {world_size} ranks arrived")
+
+    def heartbeat(self, rank: int) -> None:
+        with self.cond:
+            self.beats[rank] = time.monotonic()
+
+    def heartbeat_ages(self) -> dict[int, float]:
+        now = time.monotonic()
+        with self.cond:
+            return {rank: now - t for rank, t in self.beats.items()}
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], low: float | None = None) -> Any:
+    value = header.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) or (low is not None and value < low):
+        raise _OpError("bad_request", f"request field {name!r} is missing or invalid")
+    return value
+
+
+def _keys(header: dict[str, Any]) -> list[str]:
+    keys = _field(header, "keys", list)
+    if not all(isinstance(k, str) for k in keys):
+        raise _OpError("bad_request", "request field 'keys' must be a list of strings")
+    return keys
+
+
+# --- server ---------------------------------------------------------------------------------------------
+
+
+class StoreServer:
+    """Serves the store from daemon threads, one per connection; the launcher also uses it directly."""
+
+    def __init__(self, host: str = "0.0.0.0", port: int = 0, secret: str = "",
+                 on_log: Callable[[str], None] | None = None, handshake_timeout: float = 5.0) -> None:
+        """`secret` is required (an empty one is refused); `on_log` gets one line per refused or dropped peer
+        (default: the "macrun.rendezvous" logger); `handshake_timeout` bounds an unauthenticated peer."""
+        self.host, self._port = host, port
+        self._secret = _Secret(secret)
+        self._log = on_log or logging.getLogger("macrun.rendezvous").warning
+        self._handshake_timeout = handshake_timeout
+        self._table = _Table()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._refused = 0
+        self._listener: socket.socket | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (meaningful after `start()`)."""
+        return self._port
+
+    @property
+    def refused(self) -> int:
+        """How many connections failed authentication so far."""
+        with self._lock:
+            return self._refused
+
+    def start(self) -> None:
+        """Bind, listen and accept in a daemon thread."""
+        if self._listener is not None:
+            return
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, self._port))
+            listener.listen(128)
+        except OSError as e:
+            listener.close()
+            raise RendezvousError(
+                f"cannot serve the rendezvous on {_format_addr(self.host, self._port)} ({e.strerror})",
+                hint="choose another port (--master-port) or stop what is using it") from None
+        listener.setblocking(False)
+        self._listener, self._port = listener, listener.getsockname()[1]
+        threading.Thread(target=self._accept_loop, name="rendezvous-accept", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        with selectors.DefaultSelector() as sel, self._wake_r:
+            sel.register(self._listener, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)  # close() writes here to stop us
+            while not self._closed:
+                for key, _ in sel.select():
+                    if key.fileobj is self._wake_r:
+                        return
+                    try:
+                        conn, addr = self._listener.accept()
+                    except OSError:
+                        continue
+                    peer = _format_addr(addr[0], addr[1])
+                    threading.Thread(target=self._serve, args=(conn, peer), name=f"rendezvous-{peer}",
+                                     daemon=True).start()
+
+    def _refuse(self, peer: str, reason: str) -> None:
+        if self._closed:
+            return
+        with self._lock:
+            self._refused += 1
+        self._log(f"rendezvous: refused {peer} ({reason})")
+
+    def _handshake(self, conn: socket.socket, peer: str) -> bool:
+        deadline = time.monotonic() + self._handshake_timeout
+        server_nonce = secrets.token_bytes(NONCE_BYTES)
+        try:
+            conn.settimeout(self._handshake_timeout)
+            send_frame(conn, MAGIC + server_nonce)
+            answer = recv_frame(conn, HANDSHAKE_LIMIT, deadline)
+        except FrameError as e:
+            reasons = {"timeout": f"no proof within {self._handshake_timeout:g} s",
+                       "closed": "closed before proof"}
+            self._refuse(peer, reasons.get(e.kind, "malformed handshake"))
+            return False
+        except OSError:
+            self._refuse(peer, "closed before proof")
+            return False
+        if len(answer) != 2 * NONCE_BYTES:
+            self._refuse(peer, "malformed handshake")
+            return False
+        client_nonce, proof = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
+        if not hmac.compare_digest(proof, self._secret.proof(server_nonce, client_nonce, _CLIENT_LABEL)):
+            self._refuse(peer, "bad proof")
+            send_frame(conn, _REJECT)
+            return False
+        send_frame(conn, _ACCEPT + self._secret.proof(client_nonce, server_nonce, _SERVER_LABEL))
+        conn.settimeout(None)  # authenticated: requests may block for as long as their own timeout says
+        return True
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        with self._lock:
+            if self._closed:
+                conn.close()
+                return
+            self._conns.add(conn)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if not self._handshake(conn, peer):
+                return
+            while not self._closed:
+                try:
+                    header = json.loads(recv_frame(conn, HEADER_LIMIT))
+                    if not isinstance(header, dict):
+                        raise ValueError("not an object")
+                    body = recv_frame(conn, VALUE_LIMIT) if header.get("body") else None
+                except ValueError:
+                    self._log(f"rendezvous: dropped {peer} (bad request header)")
+                    return
+                reply, value = self._dispatch(header, body)
+                send_frame(conn, json.dumps(reply).encode())
+                if value is not None:
+                    send_frame(conn, value)
+        except FrameError as e:
+            if e.kind != "closed" and not self._closed:
+                self._log(f"rendezvous: dropped {peer} ({e})")
+        except OSError:
+            pass  # the peer went away; its rank's own failure is reported by the launcher
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _dispatch(self, h: dict[str, Any], body: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+        t = self._table
+        op = h.get("op")
+        try:
+            blocking = op in ("get", "wait", "barrier")
+            timeout = float(_field(h, "timeout", (int, float), 0)) if blocking else 0.0
+            if op == "set":
+                if body is None:
+                    raise _OpError("bad_request", "set needs a value frame")
+                t.set(_field(h, "key", str), body)
+                return {"ok": True}, None
+            if op == "get":
+                return {"ok": True, "body": True}, t.get(_field(h, "key", str), timeout)
+            if op == "check":
+                return {"ok": True, "value": t.check(_keys(h))}, None
+            if op == "add":
+                return {"ok": True, "value": t.add(_field(h, "key", str), _field(h, "amount", int))}, None
+            if op == "wait":
+                t.wait(_keys(h), timeout)
+                return {"ok": True}, None
+            if op == "delete":
+                return {"ok": True, "value": t.delete(_field(h, "key", str))}, None
+            if op == "barrier":
+                t.barrier(_field(h, "name", str), _field(h, "world_size", int, 1), timeout)
+                return {"ok": True}, None
+            if op == "heartbeat":
+                t.heartbeat(_field(h, "rank", int, 0))
+                return {"ok": True}, None
+            raise _OpError("bad_request", f"unknown op {op!r}")
+        except _OpError as e:
+            return {"ok": False, "error": e.code, "message": e.message}, None
+
+    # The launcher's direct access (same data, no socket).
+    def set(self, key: str, value: bytes) -> None:
+        """Store `value` under `key`, waking anyone waiting for it."""
+        self._table.set(key, value)
+
+    def get_nowait(self, key: str) -> bytes | None:
+        """The value under `key`, or None."""
+        with self._table.cond:
+            return self._table.data.get(key)
+
+    def add(self, key: str, amount: int = 1) -> int:
+        """Atomically add to the counter under `key`; returns the new value."""
+        try:
+            return self._table.add(key, amount)
+        except _OpError as e:
+            raise RendezvousError(e.message) from None
+
+    def set_json(self, key: str, obj: Any) -> None:
+        self.set(key, json.dumps(obj).encode())
+
+    def get_json_nowait(self, key: str) -> Any:
+        raw = self.get_nowait(key)
+        return None if raw is None else json.loads(raw)
+
+    def heartbeat_ages(self) -> dict[int, float]:
+        """Seconds since each rank's last heartbeat (server clock); ranks never heard from are absent."""
+        return self._table.heartbeat_ages()
+
+    def close(self) -> None:
+        """Stop serving: close the listener and every connection; blocked clients get RendezvousError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns = list(self._conns)
+        self._table.close()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # the accept thread saw `_closed` first and has already gone
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv on it
+            except OSError:
+                pass
+        if self._listener is not None:
+            self._listener.close()
+        else:
+            self._wake_r.close()  # no accept thread owns it
+        self._wake_w.close()
+
+    def __enter__(self) -> StoreServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "serving" if self._listener else "not started"
+        return f"StoreServer({_format_addr(self.host, self.port)}, {state}, refused={self.refused})"
+
+
+# --- client ---------------------------------------------------------------------------------------------
+
+
+class StoreClient:
+    """One authenticated connection to the store; thread-safe (one request at a time on the wire)."""
+
+    def __init__(self, host: str, port: int, secret: str, timeout: float = 30.0,
+                 connect_timeout: float = 10.0) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.address = _format_addr(host, port)
+        self._secret = _Secret(secret)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._sock: socket.socket | None = self._connect(connect_timeout)
+
+    @classmethod
+    def from_env(cls, env: RankEnv, timeout: float = 30.0) -> StoreClient:
+        """Connect to the store named by the env contract (MACRUN_STORE_ADDR/PORT, else MASTER_ADDR/PORT)."""
+        port = env.store_port if env.store_port is not None else env.master_port
+        return cls(env.store_addr or env.master_addr, port, env.secret, timeout=timeout)
+
+    def clone(self) -> StoreClient:
+        """A second connection to the same store, for a thread that must not queue behind this one."""
+        return StoreClient(self.host, self.port, self._secret.reveal(), timeout=self.timeout)
+
+    def _connect(self, connect_timeout: float) -> socket.socket:
+        deadline = time.monotonic() + connect_timeout
+        pause = 0.05
+        while True:
+            try:
+                left = max(0.1, min(self.timeout, deadline - time.monotonic()))
+                sock = socket.create_connection((self.host, self.port), timeout=left)
+                break
+            except (ConnectionRefusedError, ConnectionResetError) as e:
+                # The launcher starts the store before any rank, but a restarting listener can lag a moment.
+                if time.monotonic() + pause > deadline:
+                    raise RendezvousError(f"cannot reach the rendezvous at {self.address} ({e.strerror})",
+                                          hint=_reach_hint(self.port)) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+            except OSError as e:
+                why = e.strerror or type(e).__name__
+                raise RendezvousError(f"cannot reach the rendezvous at {self.address} ({why})",
+                                      hint=_reach_hint(self.port)) from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            self._handshake(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _handshake(self, sock: socket.socket) -> None:
+        deadline = time.monotonic() + self.timeout
+        try:
+            greeting = recv_frame(sock, HANDSHAKE_LIMIT, deadline)
+            if not greeting.startswith(MAGIC) or len(greeting) != len(MAGIC) + NONCE_BYTES:
+                raise RendezvousError(f"{self.address} is not a macrun rendezvous store (odd greeting)",
+                                      hint="check MASTER_ADDR and MACRUN_STORE_PORT")
+            server_nonce, client_nonce = greeting[len(MAGIC):], secrets.token_bytes(NONCE_BYTES)
+            send_frame(sock, client_nonce + self._secret.proof(server_nonce, client_nonce, _CLIENT_LABEL))
+            verdict = recv_frame(sock, HANDSHAKE_LIMIT, deadline)
+        except FrameError as e:
+            raise RendezvousError(f"rendezvous at {self.address} dropped us during the handshake ({e})",
+                                  hint=_LOST_HINT) from None
+        except OSError as e:
+            raise RendezvousError(f"rendezvous at {self.address} failed during the handshake ({e.strerror})",
+                                  hint=_LOST_HINT) from None
+        if verdict == _REJECT:
+            raise RendezvousError(
+                f"rendezvous at {self.address} refused our proof: wrong secret",
+                hint="every rank must get MACRUN_SECRET from the same `macrun` launch; a rank left over from "
+                     "an earlier run, or another run's store on this port, has a different one")
+        expected = self._secret.proof(client_nonce, server_nonce, _SERVER_LABEL)
+        if verdict[:1] != _ACCEPT or not hmac.compare_digest(verdict[1:], expected):
+            raise RendezvousError(
+                f"the server at {self.address} could not prove it knows this run's secret (an impostor, "
+                "or another run's store)", hint="check MASTER_ADDR and MACRUN_STORE_PORT")
+
+    def _request(self, header: dict[str, Any], body: bytes | None = None,
+                 wait: float = 0.0) -> tuple[dict[str, Any], bytes | None]:
+        if body is not None:
+            if len(body) > VALUE_LIMIT:
+                raise RendezvousError(f"value for {header.get('key')!r} is {len(body)} bytes, over the "
+                                      f"{VALUE_LIMIT >> 20} MiB limit", hint="store a path, not the data")
+            header["body"] = True
+        with self._lock:
+            sock = self._sock
+            if sock is None or self._closed:
+                raise RendezvousError(f"the connection to the rendezvous at {self.address} is closed",
+                                      hint=_LOST_HINT)
+            try:
+                sock.settimeout(wait + self.timeout)  # the server may legitimately hold us for `wait`
+                send_frame(sock, json.dumps(header).encode())
+                if body is not None:
+                    send_frame(sock, body)
+                reply = json.loads(recv_frame(sock, HEADER_LIMIT))
+                if not isinstance(reply, dict):
+                    raise ValueError("reply is not a JSON object")
+                value = recv_frame(sock, VALUE_LIMIT) if reply.get("body") else None
+            except (FrameError, OSError, ValueError) as e:
+                self._sock = None  # a half-read reply leaves the stream unusable
+                sock.close()
+                why = "we closed it" if self._closed else str(e) if isinstance(e, FrameError) else \
+                    (getattr(e, "strerror", None) or type(e).__name__)
+                raise RendezvousError(f"lost the rendezvous at {self.address} ({why})",
+                                      hint=_LOST_HINT) from None
+        if not reply.get("ok"):
+            hint = {"timeout": "a rank that should have got there may have failed or not started; "
+                               "see the other ranks' logs"}.get(reply.get("error", ""))
+            raise RendezvousError(f"rendezvous at {self.address}: {reply.get('message')}", hint=hint)
+        return reply, value
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else max(0.0, float(timeout))
+
+    def set(self, key: str, value: bytes) -> None:
+        """Store bytes under `key`."""
+        self._request({"op": "set", "key": key}, bytes(value))
+
+    def get(self, key: str, timeout: float | None = None) -> bytes:
+        """The bytes under `key`, waiting up to `timeout` s (default: the client's) for it to be set."""
+        t = self._timeout(timeout)
+        return self._request({"op": "get", "key": key, "timeout": t}, wait=t)[1] or b""
+
+    def check(self, keys: Iterable[str]) -> bool:
+        """Whether all `keys` exist, without waiting."""
+        return bool(self._request({"op": "check", "keys": _key_list(keys)})[0]["value"])
+
+    def add(self, key: str, amount: int = 1) -> int:
+        """Atomically add `amount` to the counter under `key` (0 if absent); returns the new value."""
+        return int(self._request({"op": "add", "key": key, "amount": amount})[0]["value"])
+
+    def wait(self, keys: Iterable[str], timeout: float | None = None) -> None:
+        """Block until all `keys` exist; RendezvousError naming the missing ones on timeout."""
+        t = self._timeout(timeout)
+        self._request({"op": "wait", "keys": _key_list(keys), "timeout": t}, wait=t)
+
+    def delete(self, key: str) -> bool:
+        """Remove `key`; returns whether it existed."""
+        return bool(self._request({"op": "delete", "key": key})[0]["value"])
+
+    def barrier(self, name: str, world_size: int, timeout: float | None = None) -> None:
+        """Return once `world_size` callers reached barrier `name`; the name is reusable round after round."""
+        t = self._timeout(timeout)
+        self._request({"op": "barrier", "name": name, "world_size": world_size, "timeout": t}, wait=t)
+
+    def heartbeat(self, rank: int) -> None:
+        """Tell the server that `rank` is alive (it stamps its own clock)."""
+        self._request({"op": "heartbeat", "rank": rank})
+
+    def set_json(self, key: str, obj: Any) -> None:
+        self.set(key, json.dumps(obj).encode())
+
+    def get_json(self, key: str, timeout: float | None = None) -> Any:
+        return json.loads(self.get(key, timeout))
+
+    def close(self) -> None:
+        """Close the connection (idempotent); a thread blocked in a request gets RendezvousError."""
+        self._closed = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv; it then closes the socket
+            except OSError:
+                pass
+            if self._lock.acquire(blocking=False):
+                try:
+                    sock.close()
+                    self._sock = None
+                finally:
+                    self._lock.release()
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed or self._sock is None else "connected"
+        return f"StoreClient({self.address}, {state})"
+
+
+def _key_list(keys: Iterable[str]) -> list[str]:
+    return [keys] if isinstance(keys, str) else list(keys)  # "a" means one key, not three
+
+
+def _reach_hint(port: int) -> str:
+    return (f"the launcher on the master must be running; check that MASTER_ADDR is an address of the master "
+            f"that this host can reach and that no firewall blocks port {port}")
+
+
+def start_heartbeat(client: StoreClient, rank: int, interval: float = 2.0) -> threading.Event:
+    """Beat for `rank` every `interval` s on a connection of its own until the returned event is set.
+
+    The first beat is sent before returning (so a failure to connect raises here). Later errors stop the
+    daemon thread after one line on stderr: the launcher notices the silence and reports the rank."""
+    beater = client.clone()  # a barrier on `client` must not delay the heartbeat behind it
+    try:
+        beater.heartbeat(rank)
+    except BaseException:
+        beater.close()
+        raise
+    stop = threading.Event()
+
+    def beat() -> None:
+        try:
+            while not stop.wait(interval):
+                beater.heartbeat(rank)
+        except RendezvousError as e:
+            if not stop.is_set():
+                sys.stderr.write(f"macrun: rank {rank} stopped its heartbeat: {e}\n")
+        finally:
+            beater.close()
+
+    threading.Thread(target=beat, name=f"rendezvous-heartbeat-{rank}", daemon=True).start()
+    return stop
