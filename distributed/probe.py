@@ -1,0 +1,320 @@
+"""Describe this machine as one JSON object: Python, OS, chip, memory, disk, battery, MLX, interfaces.
+
+The launcher runs it on every host over SSH without copying it first:
+
+    python3 - ~/.macrun < distributed/probe.py
+
+Standard library only, and Python 3.9 syntax (macOS's system Python), so it can report a host that is
+not ready rather than crash on it. Parsers are pure functions of command output, tested on recorded
+output from macOS and Linux; the `collect_*` functions run the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from typing import Any
+
+CMD_TIMEOUT_S = 5.0
+_MLX_CHECK = (
+    "import json, mlx.core as mx\n"
+    "print(json.dumps({'version': getattr(mx, '__version__', None), 'device': str(mx.default_device())}))"
+)
+
+# {"name", "kind", "ipv4": ["a.b.c.d/len"], "members": [...], "up": bool}; a plain alias for Python 3.9
+Interface = dict
+
+
+# ---- pure parsers -------------------------------------------------------------------------------
+
+def parse_ifconfig(text: str) -> dict[str, Interface]:
+    """Parse macOS `ifconfig` output into {name: interface}, IPv4 addresses and bridge members."""
+    found: dict[str, Interface] = {}
+    current: Interface | None = None
+    for line in text.splitlines():
+        head = re.match(r"^([A-Za-z0-9_.\-]+): flags=\d+<([^>]*)>", line)
+        if head:
+            flags = head.group(2).split(",")
+            current = {"name": head.group(1), "kind": "loopback" if "LOOPBACK" in flags else "other",
+                       "ipv4": [], "members": [], "up": "UP" in flags}
+            found[current["name"]] = current
+            continue
+        if current is None:
+            continue
+        inet = re.match(r"^\s+inet (\d+\.\d+\.\d+\.\d+) netmask (0x[0-9a-fA-F]+|\d+\.\d+\.\d+\.\d+)", line)
+        if inet:
+            current["ipv4"].append(f"{inet.group(1)}/{_mask_bits(inet.group(2))}")
+        member = re.match(r"^\s+member: (\S+)", line)
+        if member:
+            current["members"].append(member.group(1))
+    return found
+
+
+def _mask_bits(mask: str) -> int:
+    value = int(mask, 16) if mask.startswith("0x") else int.from_bytes(socket.inet_aton(mask), "big")
+    return bin(value).count("1")
+
+
+def parse_hardware_ports(text: str) -> dict[str, str]:
+    """Parse `networksetup -listallhardwareports` into {device: hardware port name}."""
+    ports: dict[str, str] = {}
+    port: str | None = None
+    for line in text.splitlines():
+        if line.startswith("Hardware Port:"):
+            port = line.split(":", 1)[1].strip()
+        elif line.startswith("Device:") and port is not None:
+            ports[line.split(":", 1)[1].strip()] = port
+            port = None
+    return ports
+
+
+def classify_macos(interfaces: dict[str, Interface], ports: dict[str, str]) -> None:
+    """Set each interface's kind from its hardware port; a bridge of Thunderbolt ports is Thunderbolt."""
+    for name, iface in interfaces.items():
+        port = ports.get(name, "")
+        if iface["kind"] == "loopback":
+            continue
+        if "Thunderbolt" in port or name.startswith("thunderbolt"):
+            iface["kind"] = "thunderbolt"
+        elif port in ("Wi-Fi", "AirPort"):
+            iface["kind"] = "wifi"
+        elif "Ethernet" in port or "LAN" in port:
+            iface["kind"] = "ethernet"
+        if name.startswith("bridge") and iface["members"] and all(
+                "Thunderbolt" in ports.get(m, "") for m in iface["members"]):
+            iface["kind"] = "thunderbolt"
+
+
+def parse_ip_json(text: str) -> dict[str, Interface]:
+    """Parse Linux `ip -j -4 addr` output into {name: interface}."""
+    found: dict[str, Interface] = {}
+    for entry in json.loads(text or "[]"):
+        name = entry.get("ifname")
+        if not name:
+            continue
+        flags = entry.get("flags", [])
+        iface = {"name": name, "kind": "loopback" if "LOOPBACK" in flags else "other", "ipv4": [],
+                 "members": [], "up": "UP" in flags}
+        for addr in entry.get("addr_info", []):
+            if addr.get("family") == "inet" and addr.get("local"):
+                iface["ipv4"].append(f"{addr['local']}/{addr.get('prefixlen', 32)}")
+        found[name] = iface
+    return found
+
+
+def parse_pmset(text: str) -> dict[str, Any] | None:
+    """Parse `pmset -g batt`: {"percent", "on_ac"}, or None for a Mac without a battery."""
+    match = re.search(r"InternalBattery[^\t]*\t\s*(\d+)%", text)
+    if not match:
+        return None
+    return {"percent": int(match.group(1)), "on_ac": "'AC Power'" in text}
+
+
+def parse_power_supply(entries: dict[str, dict[str, str]]) -> dict[str, Any] | None:
+    """Linux /sys/class/power_supply as {supply: {file: value}} → battery dict, or None without one."""
+    batteries = [e for e in entries.values() if e.get("type") == "Battery" and "capacity" in e]
+    if not batteries:
+        return None
+    mains = [e for e in entries.values() if e.get("type") == "Mains"]
+    if mains:
+        on_ac = any(e.get("online") == "1" for e in mains)
+    else:
+        on_ac = all(e.get("status") != "Discharging" for e in batteries)
+    return {"percent": int(batteries[0]["capacity"]), "on_ac": on_ac}
+
+
+def parse_meminfo(text: str) -> int:
+    """Total memory in bytes from /proc/meminfo."""
+    match = re.search(r"^MemTotal:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def parse_cpuinfo(text: str) -> str:
+    """The CPU model from /proc/cpuinfo ("model name", or "Model" on some ARM boards)."""
+    match = re.search(r"^(?:model name|Model)\s*:\s*(.+)$", text, re.M)
+    return match.group(1).strip() if match else ""
+
+
+def parse_os_release(text: str) -> str:
+    """PRETTY_NAME from /etc/os-release."""
+    match = re.search(r'^PRETTY_NAME="?([^"\n]*)"?', text, re.M)
+    return match.group(1) if match else ""
+
+
+def nearest_existing(path: str) -> str:
+    """The path itself or its closest existing parent (the work dir may not exist yet)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+# ---- collectors (run commands, read files) -------------------------------------------------------
+
+def _run(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              timeout=CMD_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.decode("utf-8", "replace")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def collect_interfaces(system: str) -> list[Interface]:
+    """Network interfaces with IPv4 addresses, Thunderbolt links marked."""
+    if system == "Darwin":
+        found = parse_ifconfig(_run(["ifconfig"]))
+        classify_macos(found, parse_hardware_ports(_run(["networksetup", "-listallhardwareports"])))
+    else:
+        text = _run(["ip", "-j", "-4", "addr"]) if shutil.which("ip") else ""
+        try:
+            found = parse_ip_json(text)
+        except ValueError:
+            found = {}
+        if not found:
+            found = _interfaces_from_socket()
+        for name, iface in found.items():
+            if iface["kind"] == "loopback":
+                continue
+            driver = ""
+            try:
+                driver = os.path.basename(os.readlink(f"/sys/class/net/{name}/device/driver"))
+            except OSError:
+                pass
+            if name.startswith("thunderbolt") or driver == "thunderbolt-net":
+                iface["kind"] = "thunderbolt"
+            elif os.path.exists(f"/sys/class/net/{name}/wireless"):
+                iface["kind"] = "wifi"
+            elif driver:
+                iface["kind"] = "ethernet"
+    return sorted(found.values(), key=lambda i: i["name"])
+
+
+def _interfaces_from_socket() -> dict[str, Interface]:
+    """Fallback without `ip`: one IPv4 address per interface via the SIOCGIFADDR ioctl."""
+    import fcntl
+    import struct
+
+    found: dict[str, Interface] = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            iface = {"name": name, "kind": "loopback" if name == "lo" else "other", "ipv4": [],
+                     "members": [], "up": True}
+            try:
+                packed = struct.pack("256s", name.encode()[:15])
+                addr = socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, packed)[20:24])
+                mask = socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x891B, packed)[20:24])
+                iface["ipv4"].append(f"{addr}/{_mask_bits(mask)}")
+            except OSError:
+                pass
+            found[name] = iface
+    return found
+
+
+def collect_battery(system: str) -> dict[str, Any] | None:
+    if system == "Darwin":
+        return parse_pmset(_run(["pmset", "-g", "batt"]))
+    root = "/sys/class/power_supply"
+    entries: dict[str, dict[str, str]] = {}
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return None
+    for name in names:
+        entries[name] = {f: _read(os.path.join(root, name, f)).strip()
+                         for f in ("type", "capacity", "status", "online")
+                         if os.path.exists(os.path.join(root, name, f))}
+    return parse_power_supply(entries)
+
+
+def start_mlx_check() -> subprocess.Popen | None:
+    """Import MLX in a child process (started early, read last): a broken install cannot kill the probe."""
+    try:
+        return subprocess.Popen([sys.executable, "-c", _MLX_CHECK], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except OSError:
+        return None
+
+
+def finish_mlx_check(proc: subprocess.Popen | None) -> dict[str, Any]:
+    if proc is None:
+        return {"version": None, "device": None, "error": f"could not start {sys.executable}"}
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"version": None, "device": None, "error": "import mlx.core took more than 60 s"}
+    if proc.returncode == 0:
+        try:
+            result = json.loads(out.decode().strip().splitlines()[-1])
+            result["error"] = None
+            return result
+        except (ValueError, IndexError):
+            pass
+    lines = err.decode("utf-8", "replace").strip().splitlines()
+    reason = lines[-1] if lines else f"import mlx.core failed with exit status {proc.returncode}"
+    return {"version": None, "device": None, "error": reason}
+
+
+def collect(workdir: str) -> dict[str, Any]:
+    """Everything the launcher's preflight needs to know about this host."""
+    mlx_proc = start_mlx_check()
+    system = platform.system()
+    if system == "Darwin":
+        os_version = platform.mac_ver()[0]
+        chip = _run(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
+        memory = int(_run(["sysctl", "-n", "hw.memsize"]).strip() or 0)
+    else:
+        os_version = parse_os_release(_read("/etc/os-release")) or platform.release()
+        chip = parse_cpuinfo(_read("/proc/cpuinfo"))
+        memory = parse_meminfo(_read("/proc/meminfo"))
+    disk_path = nearest_existing(workdir)
+    try:
+        disk_free = shutil.disk_usage(disk_path).free
+    except OSError:
+        disk_free = -1
+    return {
+        "hostname": socket.gethostname(),
+        "python_version": platform.python_version(),
+        "python_executable": sys.executable,
+        "os_name": system,
+        "os_version": os_version,
+        "machine": platform.machine(),
+        "chip": chip or platform.processor(),
+        "memory_bytes": memory,
+        "cpu_count": os.cpu_count() or 0,
+        "workdir": workdir,
+        "disk_path": disk_path,
+        "disk_free_bytes": disk_free,
+        "battery": collect_battery(system),
+        "interfaces": collect_interfaces(system),
+        "mlx": finish_mlx_check(mlx_proc),
+    }
+
+
+def main(argv: list[str]) -> int:
+    workdir = argv[1] if len(argv) > 1 else "~"
+    print(json.dumps(collect(workdir), sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,604 @@
+"""SSH to the hosts: connect (agent, keys, ~/.ssh/config, known_hosts), run commands, stream, SFTP.
+
+The only module that imports paramiko. One transport per host carries every command and the SFTP
+session, so a command costs one channel open (~4 ms on a LAN) rather than a new handshake.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import getpass
+import hashlib
+import logging
+import os
+import select
+import shlex
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import paramiko
+from paramiko.common import MSG_CHANNEL_REQUEST
+
+from distributed.errors import HostError
+from launcher.hosts import HostSpec
+
+# paramiko logs handshake failures at ERROR; without a handler Python would print them to stderr,
+# and library code never prints: every failure reaches the caller as a HostError instead.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+KEEPALIVE_S = 15  # lets a dead peer surface as a lost channel instead of a silent hang
+_READ_CHUNK = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """What a finished remote command returned; output decoded as UTF-8 (bad bytes replaced)."""
+
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+@dataclass(frozen=True, slots=True)
+class SSHTarget:
+    """Where and as whom to connect, after ~/.ssh/config and the HostSpec are merged."""
+
+    hostname: str
+    port: int
+    user: str
+    identity_files: tuple[str, ...]  # from ~/.ssh/config, expanded
+    identities_only: bool
+    known_hosts_files: tuple[Path, ...]
+
+    @property
+    def known_hosts_name(self) -> str:
+        """The name OpenSSH files this host's key under: `host`, or `[host]:port` off port 22."""
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.user}@{self.hostname}:{self.port}"
+
+
+def shell_quote(arg: str) -> str:
+    """Quote one argument for the remote login shell (POSIX `sh -c` rules)."""
+    return shlex.quote(arg)
+
+
+def resolve_target(host: HostSpec) -> SSHTarget:
+    """Merge ~/.ssh/config (HostName, User, Port, IdentityFile) with `host`; the HostSpec's fields win."""
+    cfg: dict[str, Any] = {}
+    path = Path.home() / ".ssh" / "config"
+    if path.is_file():
+        try:
+            cfg = dict(paramiko.SSHConfig.from_path(str(path)).lookup(host.hostname))
+        except Exception as exc:  # paramiko raises several types for a bad config line
+            raise HostError(f"cannot read {path} for host {host.name}: {exc}",
+                            hint=f"fix the Host entry for {host.hostname} in {path}") from exc
+    hostname = str(cfg.get("hostname") or host.hostname)
+    port = host.port or int(cfg.get("port") or 22)
+    user = host.user or str(cfg.get("user") or "") or getpass.getuser()
+    identity = tuple(os.path.expanduser(p) for p in cfg.get("identityfile") or ())
+    known = [Path(os.path.expanduser(p)) for p in str(cfg.get("userknownhostsfile") or "").split()]
+    known = known or [Path.home() / ".ssh" / "known_hosts"]
+    known.append(Path("/etc/ssh/ssh_known_hosts"))
+    only = str(cfg.get("identitiesonly") or "no").lower() == "yes"
+    return SSHTarget(hostname, port, user, identity, only, tuple(known))
+
+
+def key_fingerprint(key: paramiko.PKey) -> str:
+    """`SHA256:…` exactly as `ssh-keygen -lf` prints it (unpadded base64 of the key blob's SHA-256)."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def describe_key(key: paramiko.PKey) -> str:
+    """`ED25519 SHA256:…`: the key type as ssh-keygen names it, then its fingerprint."""
+    return f"{key.algorithm_name} {key_fingerprint(key)}"
+
+
+# ---- connecting -------------------------------------------------------------------------------
+
+def connect(host: HostSpec, *, timeout: float = 10.0, accept_new_host_key: bool = False) -> SSHConnection:
+    """Open an authenticated SSH connection to `host`, or raise HostError saying why and what to do.
+
+    The host key must already be in known_hosts (hashed entries and `[host]:port` included); an unknown
+    key is refused unless `accept_new_host_key`, which records it (like `StrictHostKeyChecking=accept-new`);
+    a changed key is always refused. Keys tried in order: `host.key_file`, ~/.ssh/config IdentityFile,
+    the ssh-agent, then ~/.ssh/id_{ed25519,ecdsa,rsa}.
+    """
+    target = resolve_target(host)
+    deadline = time.monotonic() + timeout
+    sock = _open_socket(host, target, timeout)
+    transport: paramiko.Transport | None = None
+    try:
+        transport = _handshake(sock, host, target, deadline)
+        _check_host_key(transport.get_remote_server_key(), host, target, accept_new_host_key)
+        _authenticate(transport, host, target, deadline)
+    except BaseException:
+        if transport is not None:
+            transport.close()
+        sock.close()
+        raise
+    return SSHConnection(host, target, transport, sock)
+
+
+def connect_all(hosts: Sequence[HostSpec], *, timeout: float = 10.0,
+                accept_new_host_key: bool = False) -> list[SSHConnection]:
+    """Connect to every host in parallel; on any failure close the rest and raise one HostError."""
+    if not hosts:
+        return []
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
+        futures = [pool.submit(connect, h, timeout=timeout, accept_new_host_key=accept_new_host_key)
+                   for h in hosts]
+        outcomes: list[SSHConnection | BaseException] = []
+        for fut in futures:
+            try:
+                outcomes.append(fut.result())
+            except Exception as exc:
+                outcomes.append(exc)
+    failed = [(h, o) for h, o in zip(hosts, outcomes, strict=True) if isinstance(o, BaseException)]
+    if not failed:
+        return [o for o in outcomes if isinstance(o, SSHConnection)]
+    for o in outcomes:
+        if isinstance(o, SSHConnection):
+            o.close()
+    names = ", ".join(h.name for h, _ in failed)
+    lines = [f"cannot connect to {len(failed)} of {len(hosts)} hosts ({names}):"]
+    lines += [f"  {h.name}: {exc}" for h, exc in failed]
+    hints = [f"{h.name}: {exc.hint}" for h, exc in failed if isinstance(exc, HostError) and exc.hint]
+    raise HostError("\n".join(lines), hint="; ".join(hints) or None) from failed[0][1]
+
+
+def _open_socket(host: HostSpec, target: SSHTarget, timeout: float) -> socket.socket:
+    where = f"{host.name} ({target.hostname}:{target.port})"
+    try:
+        sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
+    except socket.gaierror as exc:
+        raise HostError(f"cannot reach {where}: name not resolved ({exc.strerror})",
+                        hint=f"check the spelling of {target.hostname!r}, or use its IP address") from exc
+    except TimeoutError as exc:
+        raise HostError(f"cannot reach {where}: timed out after {timeout:g} s",
+                        hint="check that the host is on and on this network") from exc
+    except OSError as exc:
+        reason = {errno.ECONNREFUSED: "connection refused", errno.EHOSTUNREACH: "no route to host",
+                  errno.ENETUNREACH: "network unreachable"}.get(exc.errno or 0, exc.strerror or str(exc))
+        hint = ("turn on Remote Login (System Settings > General > Sharing) or start sshd there, "
+                "and check the port" if exc.errno == errno.ECONNREFUSED
+                else "check that the host is on and on this network")
+        raise HostError(f"cannot reach {where}: {reason}", hint=hint) from exc
+    # Nagle plus delayed ACKs cost ~40 ms per small request/response; SSH is all of those.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: give up on unacknowledged data after 60 s
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 60_000)
+    return sock
+
+
+def _handshake(sock: socket.socket, host: HostSpec, target: SSHTarget, deadline: float) -> paramiko.Transport:
+    transport = paramiko.Transport(sock)
+    _install_exit_signal_handler(transport)
+    remaining = max(0.5, deadline - time.monotonic())
+    transport.banner_timeout = remaining
+    transport.auth_timeout = remaining
+    known = _load_known_hosts(target).lookup(target.known_hosts_name)
+    if known:
+        # Ask for the key type(s) we already know, as OpenSSH does, so a host with several keys
+        # does not look "changed" just because it offered another type first.
+        opts = transport.get_security_options()
+        wanted: list[str] = []
+        for kind in known.keys():
+            wanted += ["rsa-sha2-512", "rsa-sha2-256", kind] if kind == "ssh-rsa" else [kind]
+        opts.key_types = [k for k in wanted if k in opts.key_types] + [
+            k for k in opts.key_types if k not in wanted]
+    hint = "check that this port runs an SSH server (Remote Login) and the host is not overloaded"
+    try:
+        transport.start_client(timeout=remaining)
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        transport.close()
+        raise HostError(f"SSH handshake with {host.name} ({target.hostname}:{target.port}) failed: "
+                        f"{exc or type(exc).__name__}", hint=hint) from exc
+    if not (transport.is_active() and transport.initial_kex_done):  # start_client returns on timeout
+        transport.close()
+        raise HostError(f"SSH handshake with {host.name} ({target.hostname}:{target.port}) timed out "
+                        f"after {remaining:.1f} s", hint=hint)
+    return transport
+
+
+def _load_known_hosts(target: SSHTarget) -> paramiko.HostKeys:
+    keys = paramiko.HostKeys()
+    for path in target.known_hosts_files:
+        if path.is_file():
+            try:
+                keys.load(str(path))
+            except (OSError, UnicodeDecodeError):
+                continue  # an unreadable file knows no keys; the user then sees "unknown key"
+    return keys
+
+
+def _check_host_key(offered: paramiko.PKey, host: HostSpec, target: SSHTarget, accept_new: bool) -> None:
+    known = _load_known_hosts(target).lookup(target.known_hosts_name)
+    name = target.known_hosts_name
+    where = f"{host.name} ({target.hostname}:{target.port})"
+    if not known:
+        if accept_new:
+            add_known_host(target, offered)
+            return
+        raise HostError(
+            f"the host key of {where} is not known: {describe_key(offered)}",
+            hint=(f"if that fingerprint is right (on the host: `ssh-keygen -lf /etc/ssh/ssh_host_"
+                  f"{offered.algorithm_name.lower()}_key.pub`), trust it with `macrun hosts trust "
+                  f"{host.name}` or `ssh-keyscan -p {target.port} {target.hostname} >> ~/.ssh/known_hosts`"))
+    expected = known.get(offered.get_name())
+    if expected is not None and expected.asbytes() == offered.asbytes():
+        return
+    was = ", ".join(describe_key(k) for k in known.values())
+    raise HostError(
+        f"the host key of {where} has CHANGED: known_hosts has {was}, the host offered "
+        f"{describe_key(offered)}; someone may be intercepting the connection, or the host was reinstalled",
+        hint=(f"only if you know why it changed: `ssh-keygen -R {shell_quote(name)}`, then "
+              f"`macrun hosts trust {host.name}`"))
+
+
+def add_known_host(target: SSHTarget, key: paramiko.PKey) -> None:
+    """Append `key` for `target` to the user's known_hosts (creating ~/.ssh with safe modes)."""
+    path = target.known_hosts_files[0]
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    line = f"{target.known_hosts_name} {key.get_name()} {key.get_base64()}\n"
+    needs_newline = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(("\n" if needs_newline else "") + line)
+
+
+def trust_host_key(host: HostSpec, *, timeout: float = 10.0) -> str:
+    """Fetch `host`'s key and add it to ~/.ssh/known_hosts; return its `SHA256:…` fingerprint.
+
+    Raises HostError if a different key is already known (that needs `ssh-keygen -R` first).
+    """
+    target = resolve_target(host)
+    sock = _open_socket(host, target, timeout)
+    try:
+        transport = _handshake(sock, host, target, time.monotonic() + timeout)
+        try:
+            key = transport.get_remote_server_key()
+        finally:
+            transport.close()
+    finally:
+        sock.close()
+    _check_host_key(key, host, target, accept_new=True)
+    return key_fingerprint(key)
+
+
+def _authenticate(transport: paramiko.Transport, host: HostSpec, target: SSHTarget, deadline: float) -> None:
+    tried: list[str] = []
+    seen: set[bytes] = set()
+    agent: paramiko.Agent | None = None
+
+    def agent_keys() -> list[paramiko.PKey]:
+        nonlocal agent
+        try:
+            agent = paramiko.Agent()
+            return list(agent.get_keys())
+        except (paramiko.SSHException, OSError) as exc:
+            tried.append(f"ssh-agent (unusable: {exc})")
+            return []
+
+    try:
+        for label, key in _candidate_keys(host, target, tried, agent_keys):
+            if key.asbytes() in seen:
+                continue
+            seen.add(key.asbytes())
+            tried.append(f"{label} ({describe_key(key)})")
+            if time.monotonic() > deadline:
+                break
+            try:
+                if not transport.auth_publickey(target.user, key):
+                    return
+                tried[-1] += " [accepted, but the server wants a second factor]"
+            except paramiko.BadAuthenticationType as exc:
+                tried[-1] += f" [server allows only: {', '.join(exc.allowed_types)}]"
+                break
+            except paramiko.AuthenticationException:
+                continue
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                # Often sshd's MaxAuthTries (6): an agent full of keys uses them up before the right one.
+                raise HostError(
+                    f"{host.name} ({target.label}) closed the connection while logging in, after trying "
+                    f"{'; '.join(tried)}", hint=f"set \"key_file\" for {host.name} in hosts.json to the "
+                    "right key, or `IdentitiesOnly yes` for it in ~/.ssh/config") from exc
+    finally:
+        if agent is not None:
+            agent.close()
+
+    what = "; ".join(tried) if tried else "no key at all (no ssh-agent, no ~/.ssh/id_* key, no key_file)"
+    raise HostError(
+        f"cannot log in to {target.label} ({host.name}): no key was accepted; tried {what}",
+        hint=(f"copy your public key there (`ssh-copy-id -p {target.port} {target.user}@{target.hostname}`), "
+              f"or set \"key_file\" (or \"user\") for {host.name} in hosts.json"))
+
+
+def _candidate_keys(host: HostSpec, target: SSHTarget, tried: list[str],
+                    agent_keys: Callable[[], list[paramiko.PKey]]) -> Iterator[tuple[str, paramiko.PKey]]:
+    """Yield (label, key): the hosts.json key, config IdentityFiles, agent keys, default keys."""
+    if host.key_file:
+        path = os.path.expanduser(host.key_file)
+        key, problem = _load_private_key(path)
+        if key is None and problem.startswith("encrypted"):
+            tried.append(f"{path} ({problem})")  # the agent may hold it; tried below
+        elif key is None:
+            raise HostError(f"cannot use key file {path} for {target.label} ({host.name}): {problem}",
+                            hint=f"fix or remove \"key_file\" for {host.name} in hosts.json")
+        else:
+            yield path, key
+    for path in target.identity_files:
+        if os.path.exists(path):
+            key, problem = _load_private_key(path)
+            if key is None:
+                tried.append(f"{path} ({problem})")
+            else:
+                yield path, key
+    if target.identities_only:
+        return
+    for key in agent_keys():
+        yield "ssh-agent key", key
+    if target.identity_files:
+        return  # like OpenSSH: an explicit IdentityFile replaces the default key list
+    for name in DEFAULT_KEYS:
+        path = str(Path.home() / ".ssh" / name)
+        if os.path.exists(path):
+            key, problem = _load_private_key(path)
+            if key is None:
+                tried.append(f"{path} ({problem})")
+            else:
+                yield path, key
+
+
+def _load_private_key(path: str) -> tuple[paramiko.PKey | None, str]:
+    """Load a private key file; on failure return (None, the reason in words)."""
+    try:
+        return paramiko.PKey.from_path(path), ""
+    except paramiko.PasswordRequiredException:
+        return None, f"encrypted: add it to the ssh-agent with `ssh-add {path}`"
+    except FileNotFoundError:
+        return None, "no such file"
+    except PermissionError:
+        return None, "permission denied"
+    except IsADirectoryError:
+        return None, "is a directory"
+    except Exception as exc:  # cryptography and paramiko raise many types for a malformed key
+        if isinstance(exc, TypeError) and "password" in str(exc).lower():  # cryptography's "encrypted"
+            return None, f"encrypted: add it to the ssh-agent with `ssh-add {path}`"
+        return None, f"not a private key paramiko can read ({type(exc).__name__}: {exc})"
+
+
+def _install_exit_signal_handler(transport: paramiko.Transport) -> None:
+    """Record `exit-signal` (a remote process killed by a signal) as exit status 128+N, as shells do.
+
+    paramiko ignores that message, so a killed rank would look like a lost connection. This wraps
+    paramiko's per-transport dispatch table entry for channel requests; if that internal ever moves,
+    a killed process is merely reported as lost.
+    """
+    table = getattr(transport, "_channel_handler_table", None)
+    if not isinstance(table, dict) or MSG_CHANNEL_REQUEST not in table:
+        return
+    original = table[MSG_CHANNEL_REQUEST]
+
+    def handle(chan: paramiko.Channel, m: paramiko.Message) -> None:
+        start = m.packet.tell()
+        if m.get_text() == "exit-signal":
+            m.get_boolean()  # want_reply: never set for exit-signal
+            name = m.get_text()
+            chan.exit_signal = name  # type: ignore[attr-defined]
+            sig = getattr(signal, f"SIG{name}", None)
+            chan.exit_status = 128 + (int(sig) if sig is not None else 0)
+            chan.status_event.set()
+            return
+        m.packet.seek(start)
+        original(chan, m)
+
+    transport._channel_handler_table = {**table, MSG_CHANNEL_REQUEST: handle}  # type: ignore[attr-defined]
+
+
+# ---- using a connection -----------------------------------------------------------------------
+
+class SSHConnection:
+    """One authenticated transport to one host; every command and the SFTP session share it."""
+
+    def __init__(self, host: HostSpec, target: SSHTarget, transport: paramiko.Transport,
+                 sock: socket.socket) -> None:
+        self.host = host
+        self.target = target
+        self._transport = transport
+        self._sftp: paramiko.SFTPClient | None = None
+        self._lock = threading.Lock()
+        self.socket = sock  # for inspection only: the transport owns reads and writes
+        self.local_addr: str = sock.getsockname()[0]  # this machine, as seen on the route to the host
+        self.peer_addr: str = sock.getpeername()[0]
+        transport.set_keepalive(KEEPALIVE_S)
+
+    def __repr__(self) -> str:
+        return f"SSHConnection({self.host.name}, {self.target.label})"
+
+    def is_alive(self) -> bool:
+        return self._transport.is_active()
+
+    def _open_channel(self, cmd: str, env: Mapping[str, str] | None) -> paramiko.Channel:
+        try:
+            chan = self._transport.open_session(timeout=10.0)
+            chan.exec_command(_with_env(cmd, env))
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise HostError(f"lost the connection to {self.host.name} ({self.target.label}): {exc}",
+                            hint="check that the host is still on the network, then retry") from exc
+        return chan
+
+    def run(self, cmd: str, *, timeout: float = 30.0, stdin: bytes | None = None,
+            env: Mapping[str, str] | None = None) -> CommandResult:
+        """Run `cmd` through the login shell and wait for it; HostError if it outlives `timeout`."""
+        chan = self._open_channel(cmd, env)
+        writer = _feed_stdin(chan, stdin, close=True)
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if chan.recv_ready():
+                    out += chan.recv(_READ_CHUNK)
+                elif chan.recv_stderr_ready():
+                    err += chan.recv_stderr(_READ_CHUNK)
+                elif chan.closed or (chan.eof_received and chan.exit_status_ready()):
+                    break
+                elif not self._transport.is_active():
+                    raise HostError(f"lost the connection to {self.host.name} while running: {cmd[:80]}")
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise HostError(f"command on {self.host.name} did not finish within {timeout:g} s: "
+                                        f"{cmd[:80]}", hint="the host may be overloaded or the command hung")
+                    if chan.eof_received:  # output is over (the pipe stays readable); await the status
+                        chan.status_event.wait(min(left, 1.0))
+                    else:
+                        select.select([chan], [], [], min(left, 1.0))
+            if writer is not None:
+                writer.join(timeout=1.0)
+            if chan.exit_status < 0:  # closed without a status: the connection (or sshd) went away
+                raise HostError(f"lost the connection to {self.host.name} ({self.target.label}) while "
+                                f"running: {cmd[:80]}", hint="check that the host is still on the network")
+            return CommandResult(chan.exit_status, out.decode(errors="replace"), err.decode(errors="replace"))
+        finally:
+            chan.close()
+
+    def start(self, cmd: str, *, stdin: bytes | None = None,
+              env: Mapping[str, str] | None = None) -> RemoteProcess:
+        """Start `cmd` and return at once; stdin stays open unless `stdin` bytes are given (then EOF)."""
+        chan = self._open_channel(cmd, env)
+        _feed_stdin(chan, stdin, close=True)
+        return RemoteProcess(chan, self._transport, self.host.name)
+
+    def sftp(self) -> paramiko.SFTPClient:
+        """The connection's SFTP session, opened on first use."""
+        with self._lock:
+            if self._sftp is None:
+                try:
+                    self._sftp = paramiko.SFTPClient.from_transport(self._transport)
+                except (paramiko.SSHException, EOFError, OSError) as exc:
+                    raise HostError(f"cannot open SFTP on {self.host.name} ({self.target.label}): {exc}",
+                                    hint="enable the sftp subsystem in the host's sshd_config") from exc
+                if self._sftp is None:
+                    raise HostError(f"cannot open SFTP on {self.host.name}: the session was refused")
+            return self._sftp
+
+    def put_file(self, local: Path, remote: str, mode: int | None = None) -> None:
+        """Upload `local` to `remote` (`~/` means the remote home) via a temp name and a rename."""
+        sftp = self.sftp()
+        remote = remote[2:] if remote.startswith("~/") else remote  # SFTP paths start in the home dir
+        tmp = f"{remote}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            sftp.put(str(local), tmp)
+            if mode is not None:
+                sftp.chmod(tmp, mode)
+            sftp.posix_rename(tmp, remote)
+        except (OSError, paramiko.SSHException) as exc:
+            try:
+                sftp.remove(tmp)
+            except (OSError, paramiko.SSHException):
+                pass
+            raise HostError(f"cannot upload {local} to {self.host.name}:{remote}: {exc}",
+                            hint="check free disk space and permissions on the host") from exc
+
+    def close(self) -> None:
+        """Close the SFTP session and the transport (remote processes without a tty are not killed)."""
+        if self._sftp is not None:
+            self._sftp.close()
+            self._sftp = None
+        self._transport.close()
+
+    def __enter__(self) -> SSHConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _with_env(cmd: str, env: Mapping[str, str] | None) -> str:
+    # sshd drops most `env` requests (AcceptEnv), so variables travel as shell exports.
+    if not env:
+        return cmd
+    exports = " ".join(f"{k}={shell_quote(v)}" for k, v in env.items())
+    return f"export {exports}; {cmd}"
+
+
+def _feed_stdin(chan: paramiko.Channel, data: bytes | None, *, close: bool) -> threading.Thread | None:
+    """Send `data` on a thread (a big payload must not block reading the output), then EOF."""
+    if data is None:
+        return None
+
+    def feed() -> None:
+        try:
+            chan.sendall(data)
+            if close:
+                chan.shutdown_write()
+        except (OSError, paramiko.SSHException):
+            pass  # the command exited without reading; its status tells the story
+
+    thread = threading.Thread(target=feed, name="ssh-stdin", daemon=True)
+    thread.start()
+    return thread
+
+
+class RemoteProcess:
+    """A command started with `SSHConnection.start`; its output is read by the caller's threads."""
+
+    def __init__(self, chan: paramiko.Channel, transport: paramiko.Transport, host_name: str) -> None:
+        self._chan = chan
+        self._transport = transport
+        self.host_name = host_name
+        self.stdout: IO[bytes] = chan.makefile("rb")
+        self.stderr: IO[bytes] = chan.makefile_stderr("rb")
+
+    def write_stdin(self, data: bytes) -> None:
+        """Send bytes to the process's stdin; HostError if the channel is gone."""
+        try:
+            self._chan.sendall(data)
+        except (OSError, paramiko.SSHException) as exc:
+            raise HostError(f"cannot write to a process on {self.host_name}: {exc}") from exc
+
+    def close_stdin(self) -> None:
+        self._chan.shutdown_write()
+
+    def poll(self) -> int | None:
+        """The exit status (128+N if killed by signal N), or None while running or once lost."""
+        if self._chan.exit_status >= 0:
+            return int(self._chan.exit_status)
+        return None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until the process exits, the connection is lost or `timeout` passes; then poll()."""
+        self._chan.status_event.wait(timeout)
+        return self.poll()
+
+    @property
+    def signal(self) -> str | None:
+        """The signal name (e.g. "KILL") if the process was killed by a signal."""
+        return getattr(self._chan, "exit_signal", None)
+
+    def is_lost(self) -> bool:
+        """True when the channel or transport died before an exit status arrived."""
+        if self._chan.exit_status >= 0:
+            return False
+        return self._chan.closed or not self._transport.is_active()
+
+    def close(self) -> None:
+        self._chan.close()
