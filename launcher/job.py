@@ -1,0 +1,390 @@
+"""Job control: start every rank, stream its output, watch for failure, tear down, report truthfully.
+
+The agent half of torchrun, for one process per rank on local or remote hosts. `run_ranks` starts
+each rank's shim (launcher/ranks.py, distributed/rankshim.py), streams every output line to `emit`
+as `[rank R host] line` and to `log_dir/rank-R.log`, and watches three things: exits, lost SSH
+channels and (when given) rendezvous heartbeats. The first rank to fail is the root cause; every
+other rank is then asked to stop ("TERM": SIGTERM to its process group), and after `grace` seconds
+stopped hard (SIGKILL to the group, the shim ended). Ctrl-C does the same. Threads read output and
+wait for exits; they talk to the one monitor loop through a queue, so all state changes happen in
+one place.
+
+    result = run_ranks(local_rank_specs(argv, 2, env_for, cwd, sys.executable), log_dir=..., emit=print)
+    sys.exit(result.exit_code)   # 0 all succeeded, 1 a rank failed or was lost, 130 Ctrl-C
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TextIO
+
+from distributed.errors import ConfigError
+from launcher.ranks import (
+    LocalLauncher,
+    RankHandle,
+    RankLauncher,
+    RankSpec,
+    SSHLauncher,
+    launchers_for,
+    shim_request,
+)
+from launcher.results import RankResult, RankState, RunResult, describe_exit, render_failure_table
+
+__all__ = ["RankSpec", "RankState", "RankResult", "RunResult", "RankLauncher", "RankHandle", "LocalLauncher",
+           "SSHLauncher", "run_ranks", "render_failure_table", "local_rank_specs"]
+
+LAST_LINES = 20
+HARD_STOP_MARGIN_S = 1.0  # after grace, leave the shim a moment to SIGKILL (and report) on its own
+KILL_WAIT_S = 5.0  # after a hard stop, how long to wait for an exit before giving the rank up
+DRAIN_S = 2.0  # after an exit, how long to wait for the last output (a leftover may hold the pipe)
+LOST_POLL_S = 0.5  # how often a remote rank's channel is checked while waiting for its exit
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class _Rank:
+    """The monitor's book-keeping for one rank (touched by reader threads only under `lock`)."""
+
+    spec: RankSpec
+    log: TextIO
+    log_path: Path
+    handle: RankHandle | None = None
+    state: RankState = RankState.PENDING
+    exit_code: int | None = None
+    started: float | None = None
+    ended: float | None = None
+    reason: str = ""
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_LINES))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pgid: int | None = None  # the rank's process group on its host, as its shim reported it
+    shim_pid: int | None = None  # the shim's pid on its host, as it reported it
+    open_streams: int = 0
+    exited_at: float | None = None  # exit or loss observed
+    stop_sent: bool = False
+    final: bool = False
+    detached: bool = False  # its output is no longer wanted (the run is over)
+
+    def result(self) -> RankResult:
+        return RankResult(rank=self.spec.rank, host_name=self.spec.host_name, state=self.state,
+                          exit_code=self.exit_code, started=self.started, ended=self.ended,
+                          reason=self.reason, last_lines=list(self.lines), log_path=self.log_path)
+
+
+class _Monitor:
+    """One run: the event loop behind run_ranks."""
+
+    def __init__(self, specs: Sequence[RankSpec], launchers: Mapping[str, RankLauncher] | None,
+                 log_dir: Path, emit: Callable[[str], None],
+                 heartbeat_ages: Callable[[], dict[int, float]] | None,
+                 heartbeat_timeout: float, grace: float) -> None:
+        ranks = [spec.rank for spec in specs]
+        if not specs:
+            raise ConfigError("there are no ranks to run", hint="give at least one rank (nproc >= 1)")
+        if len(set(ranks)) != len(ranks):
+            raise ConfigError(f"rank numbers repeat: {sorted(ranks)}", hint="give every rank its own number")
+        self.launchers = launchers_for(list(specs), launchers)
+        self.emit = emit
+        self.heartbeat_ages = heartbeat_ages
+        self.heartbeat_timeout = heartbeat_timeout
+        self.grace = grace
+        self.events: queue.Queue[tuple[str, int, int | None]] = queue.Queue()
+        self.emit_lock = threading.Lock()
+        # A token only this run knows marks the shim's own report lines, so no rank output can fake one.
+        self.report = f"macrun-rankshim-{secrets.token_hex(8)}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.ranks: dict[int, _Rank] = {}
+        for spec in sorted(specs, key=lambda s: s.rank):
+            path = log_dir / f"rank-{spec.rank}.log"
+            self.ranks[spec.rank] = _Rank(spec=spec, log=path.open("w", encoding="utf-8", buffering=1),
+                                          log_path=path)
+        self.first_failure: _Rank | None = None
+        self.interrupted = False
+        self.teardown_reason: str | None = None
+        self.hard_stop_at: float | None = None
+        self.give_up_at: float | None = None
+        self.next_heartbeat_check = 0.0
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        try:
+            try:
+                self._start_all()
+            except KeyboardInterrupt:
+                self._interrupt()
+            while not all(r.final for r in self.ranks.values()):
+                try:
+                    self._step()
+                except KeyboardInterrupt:
+                    self._interrupt()
+        except BaseException:
+            # A bug or an error from a callback: never leave ranks running behind an exception.
+            for r in self.ranks.values():
+                if r.handle is not None and r.exited_at is None:
+                    r.handle.hard_stop(r.pgid, r.shim_pid)
+            raise
+        finally:
+            self._close()
+        return self._result()
+
+    def _step(self) -> None:
+        try:
+            kind, rank, value = self.events.get(timeout=self._next_timeout())
+        except queue.Empty:
+            pass
+        else:
+            self._on_event(kind, self.ranks[rank], value)
+        now = time.monotonic()
+        if self.heartbeat_ages is not None and now >= self.next_heartbeat_check:
+            self.next_heartbeat_check = now + min(1.0, self.heartbeat_timeout / 4)
+            self._check_heartbeats()
+        self._check_deadlines(now)
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        deadlines = [now + 1.0]
+        if self.heartbeat_ages is not None:
+            deadlines.append(self.next_heartbeat_check)
+        for at in (self.hard_stop_at, self.give_up_at):
+            if at is not None:
+                deadlines.append(at)
+        deadlines += [r.exited_at + DRAIN_S for r in self.ranks.values()
+                      if r.exited_at is not None and not r.final]
+        return max(0.01, min(deadlines) - now)
+
+    # -- starting ---------------------------------------------------------------------------------------
+
+    def _start_all(self) -> None:
+        for r in self.ranks.values():
+            if self.teardown_reason is not None:
+                r.reason = "not started: the run was stopped before its turn"
+                r.final = True
+                continue
+            try:
+                handle = self.launchers[r.spec.rank].start(
+                    r.spec, shim_request(r.spec, grace=self.grace, report=self.report))
+            except Exception as exc:  # an OSError locally, a MacrunError from SSH: this rank failed
+                r.state, r.reason, r.final = RankState.FAILED, f"could not start: {exc}", True
+                r.started = r.ended = r.exited_at = time.monotonic()
+                self._fail(r)
+                continue
+            r.handle, r.state, r.started, r.open_streams = handle, RankState.RUNNING, time.monotonic(), 2
+            for stream, is_err in ((handle.stdout, False), (handle.stderr, True)):
+                threading.Thread(target=self._read, args=(r, stream, is_err), daemon=True,
+                                 name=f"rank-{r.spec.rank}-{'err' if is_err else 'out'}").start()
+            threading.Thread(target=self._wait, args=(r, handle), daemon=True,
+                             name=f"rank-{r.spec.rank}-wait").start()
+
+    # -- threads ------------------------------------------------------------------------------------------
+
+    def _read(self, r: _Rank, stream: IO[bytes], is_err: bool) -> None:
+        """Forward one output stream line by line; a last line without newline is flushed at EOF."""
+        prefix = f"[rank {r.spec.rank} {r.spec.host_name}] "
+        try:
+            for raw in stream:
+                text = raw.decode("utf-8", "replace").rstrip("\n").removesuffix("\r")
+                if is_err and self.report in text:
+                    text, _, report = text.partition(self.report)
+                    fields = dict(item.partition("=")[::2] for item in report.split())
+                    if fields.get("pgid", "").isdigit() and fields.get("shim", "").isdigit():
+                        r.pgid, r.shim_pid = int(fields["pgid"]), int(fields["shim"])
+                    if not text:
+                        continue
+                with r.lock:
+                    if r.detached:
+                        continue
+                    r.lines.append(text)
+                    r.log.write(text + "\n")
+                with self.emit_lock:
+                    try:
+                        self.emit(prefix + text)
+                    except Exception:  # a broken console must not stop the log file or the monitor
+                        pass
+        except (OSError, ValueError):
+            pass  # the stream was closed under us: treat it as EOF
+        finally:
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+            self.events.put(("eof", r.spec.rank, None))
+
+    def _wait(self, r: _Rank, handle: RankHandle) -> None:
+        """Report the shim's exit, or the loss of its channel."""
+        timeout = LOST_POLL_S if handle.may_be_lost else None
+        while not r.final:
+            code = handle.wait(timeout)
+            if code is not None:
+                self.events.put(("exit", r.spec.rank, code))
+                return
+            if handle.is_lost():
+                self.events.put(("lost", r.spec.rank, None))
+                return
+
+    # -- state changes (monitor thread only) --------------------------------------------------------------
+
+    def _on_event(self, kind: str, r: _Rank, value: int | None) -> None:
+        now = time.monotonic()
+        if kind == "eof":
+            r.open_streams -= 1
+        elif r.exited_at is None and kind == "exit":
+            assert value is not None
+            r.exited_at, r.exit_code = now, value
+            if r.state is RankState.LOST:
+                pass  # lost first (heartbeats): that stays the cause
+            elif r.stop_sent:
+                r.state = RankState.KILLED
+            elif value == 0:
+                r.state = RankState.SUCCEEDED
+            else:
+                r.state = RankState.FAILED
+                self._fail(r)
+        elif r.exited_at is None and kind == "lost":
+            r.exited_at = now
+            if r.state is not RankState.LOST:
+                r.state = RankState.KILLED if r.stop_sent else RankState.LOST
+                r.reason = f"lost the connection to host {r.spec.host_name}"
+                if r.state is RankState.LOST:
+                    self._fail(r)
+        if r.exited_at is not None and not r.final and r.open_streams <= 0:
+            self._finish(r, now)
+
+    def _check_heartbeats(self) -> None:
+        assert self.heartbeat_ages is not None
+        ages = self.heartbeat_ages()
+        for r in self.ranks.values():
+            age = ages.get(r.spec.rank)
+            if (age is not None and age > self.heartbeat_timeout and r.state is RankState.RUNNING
+                    and r.exited_at is None and not r.stop_sent):
+                r.state = RankState.LOST
+                r.reason = f"no heartbeat for {age:.1f} s (timeout {self.heartbeat_timeout:g} s)"
+                self._fail(r)
+
+    def _check_deadlines(self, now: float) -> None:
+        for r in self.ranks.values():
+            if r.exited_at is not None and not r.final and now >= r.exited_at + DRAIN_S:
+                self._finish(r, now)  # a leftover process still holds its output open: stop waiting
+        if self.hard_stop_at is not None and now >= self.hard_stop_at:
+            self.hard_stop_at = None
+            self.give_up_at = now + KILL_WAIT_S
+            for r in self.ranks.values():
+                if r.handle is not None and r.exited_at is None:
+                    r.handle.hard_stop(r.pgid, r.shim_pid)
+        if self.give_up_at is not None and now >= self.give_up_at:
+            for r in self.ranks.values():
+                if not r.final:
+                    if r.state is RankState.RUNNING:
+                        r.state = RankState.KILLED
+                    r.reason = r.reason or f"no exit reported {KILL_WAIT_S:g} s after SIGKILL"
+                    r.exited_at = r.exited_at or now
+                    self._finish(r, now)
+
+    def _fail(self, r: _Rank) -> None:
+        if self.first_failure is None:
+            self.first_failure = r
+        if self.teardown_reason is None:
+            self._teardown(f"rank {r.spec.rank} ({r.spec.host_name}) failed")
+
+    def _interrupt(self) -> None:
+        tearing_down = self.teardown_reason is not None
+        self.interrupted = True
+        if tearing_down:  # a second Ctrl-C, or one during a failure's teardown: stop waiting for grace
+            if self.give_up_at is None:
+                self.hard_stop_at = time.monotonic()
+            return
+        self._teardown("interrupted (Ctrl-C)")
+
+    def _teardown(self, reason: str) -> None:
+        """Ask every running rank to stop; the hard stop follows after the grace period."""
+        self.teardown_reason = reason
+        self.hard_stop_at = time.monotonic() + self.grace + HARD_STOP_MARGIN_S
+        running = [r for r in self.ranks.values() if r.handle is not None and r.exited_at is None]
+        for r in running:
+            r.stop_sent = True
+            assert r.handle is not None
+            r.handle.request_stop()
+        others = [r for r in running if r is not self.first_failure]
+        if others:
+            self._notice(f"{reason}; stopping {len(others)} other rank{'s' if len(others) > 1 else ''}")
+
+    def _finish(self, r: _Rank, now: float) -> None:
+        r.final = True
+        r.ended = r.exited_at or now
+        if r.state is RankState.FAILED and not r.reason and r.exit_code is not None:
+            r.reason = describe_exit(r.exit_code)
+            shim_error = next((line for line in reversed(r.lines) if line.startswith("macrun: ")), None)
+            if r.exit_code == 127 and shim_error:
+                r.reason += f": {shim_error.removeprefix('macrun: ')}"
+        elif r.state is RankState.KILLED and not r.reason:
+            code = f", {describe_exit(r.exit_code)}" if r.exit_code is not None else ""
+            r.reason = f"stopped by macrun: {self.teardown_reason}{code}"
+        elif r.state is RankState.LOST and r.exit_code is not None:
+            r.reason += f"; then {describe_exit(r.exit_code)}"
+
+    def _notice(self, message: str) -> None:
+        with self.emit_lock:
+            try:
+                self.emit(f"[macrun] {message}")
+            except Exception:
+                pass
+
+    def _close(self) -> None:
+        for r in self.ranks.values():
+            with r.lock:
+                r.detached = True
+                r.log.close()
+            if r.handle is not None:
+                r.handle.close()
+
+    def _result(self) -> RunResult:
+        results = {rank: r.result() for rank, r in self.ranks.items()}
+        if self.interrupted:
+            code = EXIT_INTERRUPTED
+        elif all(r.state is RankState.SUCCEEDED for r in results.values()):
+            code = 0
+        else:
+            code = 1
+        first = results[self.first_failure.spec.rank] if self.first_failure is not None else None
+        return RunResult(exit_code=code, ranks=list(results.values()), interrupted=self.interrupted,
+                         first_failure=first)
+
+
+def run_ranks(
+    specs: Sequence[RankSpec],
+    *,
+    launchers: Mapping[str, RankLauncher] | None = None,
+    log_dir: Path,
+    emit: Callable[[str], None],
+    heartbeat_ages: Callable[[], dict[int, float]] | None = None,
+    heartbeat_timeout: float = 30.0,
+    grace: float = 5.0,
+) -> RunResult:
+    """Run every rank to the end and say truthfully how it went.
+
+    `launchers` maps host names to launchers (None: every rank local). `emit` gets each output line as
+    `[rank R host] line` (plus `[macrun] ...` notices), one call at a time, from reader threads.
+    `heartbeat_ages` (e.g. StoreServer.heartbeat_ages) gives seconds since each rank's last heartbeat;
+    a rank that has sent heartbeats and then goes quiet for `heartbeat_timeout` is LOST. The first
+    failure stops the others (SIGTERM, SIGKILL after `grace`); so does Ctrl-C, which this function
+    absorbs (exit code 130) instead of raising.
+    """
+    monitor = _Monitor(specs, launchers, Path(log_dir), emit, heartbeat_ages, heartbeat_timeout, grace)
+    return monitor.run()
+
+
+def local_rank_specs(argv: Sequence[str], nproc: int, base_env_for_rank: Callable[[int], dict[str, str]],
+                     cwd: str, python: str, *, host_name: str = "local") -> list[RankSpec]:
+    """`nproc` ranks on this machine, rank r with local rank r and the env `base_env_for_rank(r)`."""
+    if nproc < 1:
+        raise ConfigError(f"nproc is {nproc}", hint="run at least one process (nproc >= 1)")
+    cwd = os.path.abspath(cwd)  # the shim itself runs elsewhere (where `distributed` is importable)
+    return [RankSpec(rank=r, host_name=host_name, local_rank=r, argv=list(argv),
+                     env=dict(base_env_for_rank(r)), cwd=cwd, python=python) for r in range(nproc)]
