@@ -1,0 +1,126 @@
+"""The launcher API: `launch(spec) -> RunResult`, the one path the CLI, the wizard and tests all take.
+
+Local runs (no hosts file) start `nproc` ranks on this machine; remote runs connect to every host over
+SSH, probe it, push the job's files and start one rank per slot. Both get the same env contract, the same
+rendezvous store and the same job control.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import distributed
+from distributed.env import RankEnv
+from distributed.errors import MacrunError
+from distributed.store import StoreServer, new_secret
+from launcher.hosts import HostSpec, layout_ranks, local_hosts
+from launcher.job import LocalLauncher, RankSpec, RunResult, run_ranks
+
+PACKAGE_DIR = Path(distributed.__file__).resolve().parent
+SOURCE_ROOT = PACKAGE_DIR.parent
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything one launch needs, resolved."""
+
+    argv: list[str]  # the command every rank runs; a leading "python" becomes each host's interpreter
+    run_dir: Path  # on this machine: logs, the MLX hostfile, the run's record
+    name: str = "run"  # job folder name on the hosts (<workdir>/jobs/<name>)
+    hosts: Sequence[HostSpec] | None = None  # None: local ranks on this machine
+    nproc: int = 1  # local ranks when hosts is None
+    files: Mapping[str, Path] = field(default_factory=dict)  # relative path on the host -> local file
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for every rank
+    accept_new_host_keys: bool = False
+    fetch: Sequence[str] = ()  # paths in rank 0's job folder copied back into run_dir after the run
+    heartbeat_timeout: float = 60.0
+    grace: float = 5.0
+
+
+def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel says are free now (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def ring_hostfile(addresses: Sequence[str], ports: Sequence[int]) -> str:
+    """MLX's ring hostfile: one entry per rank, each a list of "ip:port" the rank listens on."""
+    return json.dumps([[f"{a}:{p}"] for a, p in zip(addresses, ports, strict=True)])
+
+
+def blas_env() -> dict[str, str]:
+    """On Linux, preload OpenBLAS when present: MLX's CPU build ships a reference BLAS (~35x slower matmuls)."""
+    if sys.platform != "linux" or os.environ.get("MACRUN_NO_OPENBLAS") or not OPENBLAS.exists():
+        return {}
+    current = os.environ.get("LD_PRELOAD", "")
+    return {"LD_PRELOAD": f"{OPENBLAS}:{current}" if current else str(OPENBLAS)}
+
+
+def host_argv(argv: Sequence[str], python: str) -> list[str]:
+    out = list(argv)
+    if out and out[0] in ("python", "python3"):
+        out[0] = python
+    return out
+
+
+def launch(spec: LaunchSpec, *, emit: Callable[[str], None] = print,
+           on_ready: Callable[[list[RankSpec]], None] | None = None) -> RunResult:
+    """Start every rank of `spec`, own them until they end, and return what happened."""
+    if spec.hosts:
+        from launcher.remote import launch_remote
+
+        return launch_remote(spec, emit=emit, on_ready=on_ready, fetch=spec.fetch)
+    return _launch_local(spec, emit=emit, on_ready=on_ready)
+
+
+def _launch_local(spec: LaunchSpec, *, emit: Callable[[str], None],
+                  on_ready: Callable[[list[RankSpec]], None] | None) -> RunResult:
+    if spec.nproc < 1:
+        raise MacrunError(f"--nproc must be at least 1, got {spec.nproc}")
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    slots = layout_ranks(local_hosts(spec.nproc))
+    secret, run_id = new_secret(), f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    ports = _free_ports(spec.nproc + 1)
+    hostfile = spec.run_dir / "mlx_hostfile.json"
+    hostfile.write_text(ring_hostfile(["127.0.0.1"] * spec.nproc, ports[1:]))
+    with StoreServer("127.0.0.1", 0, secret, on_log=emit) as store:
+        specs = []
+        for slot in slots:
+            env = RankEnv(rank=slot.rank, world_size=len(slots), local_rank=slot.local_rank,
+                          local_world_size=slot.local_world_size, master_addr="127.0.0.1",
+                          master_port=ports[0], run_id=run_id, secret=secret, link="local",
+                          mlx_hostfile=str(hostfile) if len(slots) > 1 else None,
+                          store_addr="127.0.0.1", store_port=store.port).to_environ()
+            env.update(blas_env())
+            env.update(spec.env)
+            specs.append(RankSpec(rank=slot.rank, host_name=slot.host.name, local_rank=slot.local_rank,
+                                  argv=host_argv(spec.argv, sys.executable), env=env, cwd=str(Path.cwd()),
+                                  python=sys.executable))
+        if on_ready:
+            on_ready(specs)
+        launcher = LocalLauncher(pythonpath=str(SOURCE_ROOT))
+        return run_ranks(specs, launchers={"localhost": launcher}, log_dir=spec.run_dir / "logs", emit=emit,
+                         heartbeat_ages=store.heartbeat_ages, heartbeat_timeout=spec.heartbeat_timeout,
+                         grace=spec.grace)
+
+
+def describe_command(argv: Sequence[str]) -> str:
+    return shlex.join(argv)

@@ -1,0 +1,211 @@
+"""The `macrun` command line: a thin Typer layer over the launcher API.
+
+Library code raises MacrunError; only here do errors become one `error:` line and one `hint:` line on
+stderr with the documented exit code (MACRUN_DEBUG=1 shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from distributed.errors import MacrunError
+
+app = typer.Typer(
+    name="macrun",
+    help="Train one MLX model on several Macs at once: torchrun for a room full of Macs.\n\n"
+         "With no --hosts everything runs on this machine with local ranks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+hosts_app = typer.Typer(help="Check and trust the machines in a hosts file.", no_args_is_help=True)
+config_app = typer.Typer(help="Show configs and every config key.", no_args_is_help=True)
+app.add_typer(hosts_app, name="hosts")
+app.add_typer(config_app, name="config")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+HostsOpt = Annotated[Path | None, typer.Option("--hosts", help="hosts.json (or an MLX hostfile); "
+                                                "without it, ranks run on this machine.")]
+NprocOpt = Annotated[int, typer.Option("--nproc", "-n", min=1, help="Local ranks when there is no --hosts.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
+                                                  help="Override a config key, e.g. --set train.steps=200.")]
+TrustOpt = Annotated[bool, typer.Option("--accept-new-host-keys",
+                                        help="Trust hosts whose SSH key is not in known_hosts yet (TOFU).")]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn MacrunError into `error:`/`hint:` lines and its exit code."""
+    try:
+        yield
+    except MacrunError as exc:
+        if os.environ.get("MACRUN_DEBUG"):
+            raise
+        err.print(f"[bold red]error:[/] {exc.message}", markup=True)
+        if exc.hint:
+            err.print(f"[bold]hint:[/] {exc.hint}", markup=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def _emit(line: str) -> None:
+    out.print(line, markup=False)
+
+
+def _load_hosts(path: Path | None) -> Any:
+    if path is None:
+        return None
+    from launcher.hosts import load_hosts
+
+    return load_hosts(path)
+
+
+def _finish(result: Any) -> None:
+    from launcher.job import render_failure_table
+
+    if result.exit_code != 0:
+        err.print(render_failure_table(result))
+    raise typer.Exit(result.exit_code)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Annotated[Path, typer.Argument(help="A YAML config, e.g. configs/quickstart.yaml.")],
+    hosts: HostsOpt = None,
+    nproc: NprocOpt = 1,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest valid checkpoint.")] = False,
+    stop_at: Annotated[int | None, typer.Option("--stop-at", min=1, help="End early at this step, "
+                                                "with a checkpoint (resume later with --resume).")] = None,
+    accept_new_host_keys: TrustOpt = False,
+) -> None:
+    """Train a model: one rank per host slot (or --nproc local ranks), checkpoints in runs/<name>."""
+    with user_errors():
+        from launcher.training import train_job
+
+        result = train_job(config, set_ or [], hosts=_load_hosts(hosts), nproc=nproc, resume=resume,
+                           stop_at=stop_at, accept_new_host_keys=accept_new_host_keys, emit=_emit)
+    _finish(result)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    hosts: HostsOpt = None,
+    nproc: NprocOpt = 1,
+    name: Annotated[str, typer.Option(help="Job folder name on the hosts and under runs/.")] = "run",
+    accept_new_host_keys: TrustOpt = False,
+) -> None:
+    """Run any command on every rank, torchrun-style: macrun run --hosts hosts.json -- python script.py ARGS.
+
+    Each rank gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MLX_RANK and
+    MLX_HOSTFILE, so an unmodified mx.distributed (ring) or torch env:// script works. A leading
+    `python` runs each host's configured interpreter; a script file given locally is pushed to the hosts.
+    """
+    argv = list(ctx.args)
+    with user_errors():
+        if not argv:
+            raise MacrunError("no command given", hint="put it after --, e.g. macrun run -- python script.py")
+        from launcher.api import LaunchSpec, launch
+        from launcher.hosts import load_hosts
+
+        host_list = load_hosts(hosts) if hosts else None
+        files: dict[str, Path] = {}
+        if host_list:
+            for arg in argv[1:]:
+                if arg.endswith(".py") and Path(arg).is_file():
+                    files[Path(arg).name] = Path(arg)
+            argv = [Path(a).name if a in {str(p) for p in files.values()} else a for a in argv]
+        spec = LaunchSpec(argv=argv, run_dir=Path("runs").resolve() / name, name=name, hosts=host_list,
+                          nproc=nproc, files=files, accept_new_host_keys=accept_new_host_keys)
+        result = launch(spec, emit=_emit)
+    _finish(result)
+
+
+@hosts_app.command("check")
+def hosts_check(
+    hosts: Annotated[Path, typer.Option("--hosts", help="The hosts file to check.")] = Path("hosts.json"),
+    accept_new_host_keys: TrustOpt = False,
+) -> None:
+    """Connect to every host and show what it has (Python, MLX, chip, memory, links); start nothing."""
+    with user_errors():
+        from launcher.remote import check_hosts_file
+
+        table, problems = check_hosts_file(_load_hosts(hosts), accept_new_host_keys=accept_new_host_keys)
+        out.print(table)
+        if problems:
+            from launcher.preflight import raise_for_problems
+
+            raise_for_problems(problems)
+
+
+@hosts_app.command("trust")
+def hosts_trust(
+    name: Annotated[str, typer.Argument(help="The host's name in the hosts file.")],
+    hosts: Annotated[Path, typer.Option("--hosts", help="The hosts file.")] = Path("hosts.json"),
+) -> None:
+    """Fetch a host's SSH key, show its fingerprint and add it to ~/.ssh/known_hosts."""
+    with user_errors():
+        from launcher.ssh import trust_host_key
+
+        matches = [h for h in _load_hosts(hosts) if h.name == name]
+        if not matches:
+            raise MacrunError(f"no host named '{name}' in {hosts}", hint="see the names with: cat " + str(hosts))
+        fingerprint = trust_host_key(matches[0])
+        out.print(f"trusted {name}: {fingerprint}")
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[Path, typer.Argument(help="A YAML config.")],
+    set_: SetOpt = None,
+) -> None:
+    """Print a config with every default and override applied."""
+    with user_errors():
+        import yaml
+
+        from distributed.config import load_config
+
+        out.print(yaml.safe_dump(load_config(config, set_ or []).to_dict(), sort_keys=False), markup=False)
+
+
+@config_app.command("keys")
+def config_keys() -> None:
+    """List every config key with its default and what it does."""
+    from rich.table import Table
+
+    from distributed.config import describe_keys
+
+    table = Table("key", "default", "meaning", box=None)
+    for key, help_text, default in describe_keys():
+        table.add_row(key, repr(default) if not callable(default) else "", help_text)
+    out.print(table)
+
+
+def _check_package_clash() -> None:
+    import distributed
+
+    if getattr(distributed, "MACRUN_MARKER", None) != "macrun":
+        err.print(f"error: the module 'distributed' is not macrun's (found {distributed.__file__})")
+        err.print("hint: another package (probably Dask's 'distributed') shadows it; install macrun in its "
+                  "own virtual environment: python3 -m venv .venv && .venv/bin/pip install -e .")
+        raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
+    """Console-script entry point."""
+    _check_package_clash()
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="macrun")
+    return None

@@ -1,0 +1,56 @@
+"""`macrun train` as a launch: load the config, prepare the data once on the master, start the workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from distributed.config import Config, load_config
+from distributed.data import prepare_data
+from distributed.errors import ConfigError
+from launcher.api import LaunchSpec, launch
+from launcher.hosts import HostSpec
+from launcher.job import RunResult
+
+
+def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hosts: Sequence[HostSpec] | None = None,
+                  nproc: int = 1, resume: bool = False, stop_at: int | None = None,
+                  emit: Callable[[str], None] = print) -> tuple[Config, LaunchSpec]:
+    """Validate everything that can be checked on this machine and build the launch; starts nothing."""
+    cfg = load_config(config_path, overrides)
+    run_dir = cfg.run_dir().resolve()
+    ckpts = run_dir / "checkpoints"
+    if not resume and ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()):
+        raise ConfigError(f"{run_dir} already holds checkpoints of an earlier run",
+                          hint="add --resume to continue it, or --set run.name=<new name> to start a new one")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_data(cfg.data, run_dir / "data")
+    emit(f"data: {prepared.train_tokens:,} training and {prepared.val_tokens:,} validation tokens "
+         f"from {prepared.source}")
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    extra = (["--resume"] if resume else []) + ([f"--stop-at={stop_at}"] if stop_at else [])
+    if hosts:
+        # On hosts, everything lives in the job folder the launcher syncs: relative paths.
+        files = {"config.yaml": config_file, **{f"data/{p.name}": p for p in sorted(prepared.dir.iterdir())
+                                                if p.is_file()}}
+        argv = ["python", "-m", "distributed.worker", "config.yaml", "--data", "data", "--run-dir", "."]
+    else:
+        files = {}
+        argv = ["python", "-m", "distributed.worker", str(config_file), "--data", str(prepared.dir),
+                "--run-dir", str(run_dir)]
+    spec = LaunchSpec(argv=argv + extra, run_dir=run_dir, name=cfg.run.name, hosts=hosts, nproc=nproc,
+                      files=files, fetch=("checkpoints", "metrics.jsonl") if hosts else ())
+    return cfg, spec
+
+
+def train_job(config_path: str | Path, overrides: Sequence[str] = (), *, hosts: Sequence[HostSpec] | None = None,
+              nproc: int = 1, resume: bool = False, stop_at: int | None = None,
+              accept_new_host_keys: bool = False, emit: Callable[[str], None] = print) -> RunResult:
+    """Train a config on local ranks or on hosts; returns the run's result (exit code included)."""
+    _cfg, spec = plan_training(config_path, overrides, hosts=hosts, nproc=nproc, resume=resume,
+                               stop_at=stop_at, emit=emit)
+    return launch(replace(spec, accept_new_host_keys=accept_new_host_keys), emit=emit)
