@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,12 +32,16 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """Three emulated hosts (tests/lab/labnet.py) for the whole session, mDNS announcers included.
 
     Its prefix is this process's own (`session_prefix()`), so pytest runs in parallel get separate labs.
-    Skips with one line when this machine cannot host it (not root, ip/tc/sshd missing, no namespaces).
+    Skips with one line when this machine cannot host it (not root, ip/tc/sshd missing, no namespaces);
+    under CI (CI=true), which installs what the lab needs, that is a failure instead: a green CI must mean
+    the lab ran.
     """
     try:
         Lab.cleanup_dead_sessions()
         lab = Lab.up(3, prefix=session_prefix(), state_dir=tmp_path_factory.mktemp("lab"), announce_mdns=True)
     except LabUnavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"lab unavailable under CI: {exc}")
         pytest.skip(f"lab unavailable: {exc}")
     try:
         yield lab
