@@ -21,7 +21,8 @@ from pathlib import Path
 import distributed
 from distributed.env import RankEnv
 from distributed.errors import MacrunError
-from distributed.store import StoreServer, new_secret
+from distributed.store import new_secret
+from distributed.store_server import StoreServer
 from launcher.hosts import HostSpec, layout_ranks, local_hosts
 from launcher.job import LocalLauncher, RankSpec, RunResult, run_ranks
 

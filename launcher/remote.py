@@ -22,7 +22,8 @@ from rich.console import Console
 
 from distributed.env import RankEnv
 from distributed.errors import HostError
-from distributed.store import StoreServer, new_secret
+from distributed.store import new_secret
+from distributed.store_server import StoreServer
 from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, ring_hostfile
 from launcher.hosts import HostSpec, layout_ranks
 from launcher.job import RankSpec, RunResult, run_ranks

@@ -22,12 +22,12 @@ from distributed.store import (
     MAGIC,
     NONCE_BYTES,
     StoreClient,
-    StoreServer,
     new_secret,
     recv_frame,
     send_frame,
     start_heartbeat,
 )
+from distributed.store_server import StoreServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 ROOT = Path(__file__).resolve().parents[2]
