@@ -93,10 +93,12 @@ def train(
 ) -> None:
     """Train a model: one rank per host slot (or --nproc local ranks), checkpoints in runs/<name>."""
     with user_errors():
+        from launcher.display import TrainingDisplay
         from launcher.training import train_job
 
-        result = train_job(config, set_ or [], hosts=_load_hosts(hosts), nproc=nproc, resume=resume,
-                           stop_at=stop_at, accept_new_host_keys=accept_new_host_keys, emit=_emit)
+        with TrainingDisplay(out) as display:
+            result = train_job(config, set_ or [], hosts=_load_hosts(hosts), nproc=nproc, resume=resume,
+                               stop_at=stop_at, accept_new_host_keys=accept_new_host_keys, emit=display.emit)
     _finish(result)
 
 
