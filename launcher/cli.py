@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from distributed.errors import MacrunError
 
@@ -51,9 +52,11 @@ def user_errors() -> Iterator[None]:
     except MacrunError as exc:
         if os.environ.get("MACRUN_DEBUG"):
             raise
-        err.print(f"[bold red]error:[/] {exc.message}", markup=True)
+        # escape(): messages quote user text and commands (`pip install 'mlx[cpu]'`) that rich would
+        # otherwise read as markup tags and silently drop.
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True)
         if exc.hint:
-            err.print(f"[bold]hint:[/] {exc.hint}", markup=True)
+            err.print(f"[bold]hint:[/] {escape(exc.hint)}", markup=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -209,5 +212,9 @@ def _check_package_clash() -> None:
 def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
     """Console-script entry point."""
     _check_package_clash()
+    # Rank output must reach a pipe or a log file line by line, not in 8 KiB blocks.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     app(args=argv if argv is not None else sys.argv[1:], prog_name="macrun")
     return None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -69,6 +70,7 @@ class HostFacts:
     mlx_device: str | None
     interfaces: tuple[InterfaceFacts, ...]
     probe_seconds: float  # wall time of the probe command, seen from here
+    openblas: str | None = None  # Linux hosts: an OpenBLAS the launcher preloads for MLX
 
     @property
     def python_tuple(self) -> tuple[int, ...]:
@@ -76,7 +78,11 @@ class HostFacts:
 
     @property
     def os_label(self) -> str:
-        return f"macOS {self.os_version}" if self.os_name == "Darwin" else self.os_version or self.os_name
+        """Short: "macOS 15.1", "Debian 12" (the distribution's long name cut at its version)."""
+        if self.os_name == "Darwin":
+            return f"macOS {self.os_version}"
+        label = (self.os_version or self.os_name).replace(" GNU/Linux", "")
+        return label.split(" (")[0]
 
     @property
     def thunderbolt(self) -> tuple[InterfaceFacts, ...]:
@@ -100,7 +106,7 @@ class HostFacts:
                 InterfaceFacts(str(i["name"]), str(i["kind"]), tuple(i.get("ipv4", ())),
                                tuple(i.get("members", ())), bool(i.get("up", True)))
                 for i in data.get("interfaces", ())),
-            probe_seconds=seconds,
+            probe_seconds=seconds, openblas=data.get("openblas") or None,
         )
 
 
@@ -224,12 +230,20 @@ def raise_for_problems(problems: Sequence[Problem]) -> None:
     raise HostError(message, hint=first.hint)
 
 
+def _short_chip(chip: str) -> str:
+    """"Apple M2 Ultra" stays; "AMD EPYC 7B13 64-Core Processor" becomes "AMD EPYC 7B13"."""
+    words = chip.replace("(R)", "").replace("(TM)", "").split()
+    keep = [w for w in words if not w.endswith("-Core") and w not in ("Processor", "CPU", "@")]
+    return " ".join(keep[:4])
+
+
 def render_preflight(facts: Mapping[str, HostFacts], problems: Sequence[Problem] = ()) -> Table:
     """One row per host: what it is, what it runs, its links and its status."""
-    table = Table(title="preflight", title_justify="left")
+    table = Table(title="preflight", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("host", "OS", "chip", "memory", "Python", "MLX", "Thunderbolt", "free disk", "battery",
                 "status"):
-        table.add_column(col, justify="right" if col in ("memory", "free disk") else "left")
+        table.add_column(col, justify="right" if col in ("memory", "free disk") else "left",
+                         no_wrap=col in ("host", "Thunderbolt", "MLX", "Python"))
     for name, f in facts.items():
         mine = [p for p in problems if p.host in (name, "*")]
         if any(p.is_error for p in mine):
@@ -238,11 +252,12 @@ def render_preflight(facts: Mapping[str, HostFacts], problems: Sequence[Problem]
             status = "[yellow]warning[/yellow]"
         else:
             status = "[green]ok[/green]"
-        tb = ", ".join(f"{i.name} {' '.join(i.addresses) or '(no IPv4)'}" for i in f.thunderbolt) or "-"
+        tb = "\n".join(f"{i.name} {' '.join(i.addresses) or '(no IPv4)'}" for i in f.thunderbolt) or "-"
         power = "AC" if f.on_ac else "battery"
         battery = "-" if f.battery_percent is None else f"{f.battery_percent}% {power}"
         table.add_row(
-            escape(name), escape(f.os_label), escape(f.chip or f.machine), f"{f.memory_bytes / GIB:.0f} GiB",
+            escape(name), escape(f.os_label), escape(_short_chip(f.chip or f.machine)),
+            f"{f.memory_bytes / GIB:.0f} GiB",
             f.python_version,
             escape(f.mlx_version) if f.mlx_version else "[red]missing[/red]", escape(tb),
             f"{f.disk_free_bytes / GIB:.0f} GiB" if f.disk_free_bytes >= 0 else "?", battery, status)

@@ -7,6 +7,7 @@ happens before any rank starts, and each fails with one HostError naming the hos
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import secrets
 import shlex
@@ -134,6 +135,8 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                               master_port=ports[rank0][0], run_id=run_id, secret=secret, link="network",
                               mlx_hostfile=posixpath.join(job_dir[name], "mlx_hostfile.json"),
                               store_addr=by_name[name].local_addr, store_port=store.port).to_environ()
+                if facts[name].openblas and not os.environ.get("MACRUN_NO_OPENBLAS"):
+                    env["LD_PRELOAD"] = facts[name].openblas  # see distributed/probe.py: find_openblas
                 env.update(spec.env)
                 specs.append(RankSpec(rank=slot.rank, host_name=name, local_rank=slot.local_rank,
                                       argv=host_argv(spec.argv, slot.host.python), env=env, cwd=job_dir[name],
