@@ -94,7 +94,10 @@ def train(
                                                 "with a checkpoint (resume later with --resume).")] = None,
     accept_new_host_keys: TrustOpt = False,
 ) -> None:
-    """Train a model: one rank per host slot (or --nproc local ranks), checkpoints in runs/<name>."""
+    """Train a model: one rank per host slot (or --nproc local ranks); checkpoints and logs in runs/<name>.
+
+    Examples: macrun train configs/quickstart.yaml · macrun train --nproc 2 configs/quickstart.yaml --set train.steps=200 · macrun train --hosts hosts.json configs/small.yaml --resume
+    """
     with user_errors():
         from launcher.display import TrainingDisplay
         from launcher.training import train_job
@@ -105,7 +108,8 @@ def train(
     _finish(result)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             options_metavar="[OPTIONS] -- COMMAND [ARGS]...")
 def run(
     ctx: typer.Context,
     hosts: HostsOpt = None,
@@ -113,11 +117,11 @@ def run(
     name: Annotated[str, typer.Option(help="Job folder name on the hosts and under runs/.")] = "run",
     accept_new_host_keys: TrustOpt = False,
 ) -> None:
-    """Run any command on every rank, torchrun-style: macrun run --hosts hosts.json -- python script.py ARGS.
+    """Run any command on every rank, torchrun-style: macrun run [--hosts hosts.json] -- python script.py ARGS
 
-    Each rank gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MLX_RANK and
-    MLX_HOSTFILE, so an unmodified mx.distributed (ring) or torch env:// script works. A leading
-    `python` runs each host's configured interpreter; a script file given locally is pushed to the hosts.
+    Each rank gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MLX_RANK and MLX_HOSTFILE, so an unmodified mx.distributed (ring) or torch env:// script works.
+
+    A leading `python` runs each host's configured interpreter; a script file named on the command line is pushed to the hosts.
     """
     argv = list(ctx.args)
     with user_errors():
