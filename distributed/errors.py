@@ -61,3 +61,17 @@ class HostError(MacrunError):
 
 class RunFailedError(MacrunError):
     """A rank failed and the run was torn down."""
+
+
+class LinkError(MacrunError):
+    """A network link between ranks could not be probed (peer unreachable, connection dropped)."""
+
+
+class TrainingError(MacrunError):
+    """Training itself went wrong: the ranks' weights diverged, or every rank's update became NaN/Inf."""
+
+
+class UsageError(MacrunError):
+    """The command line itself is wrong (a bad option value, a missing command)."""
+
+    exit_code = 2

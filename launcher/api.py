@@ -46,6 +46,7 @@ class LaunchSpec:
     fetch: Sequence[str] = ()  # paths in rank 0's job folder copied back into run_dir after the run
     heartbeat_timeout: float = 60.0
     grace: float = 5.0
+    link: str = "auto"  # hosts' ring: auto (Thunderbolt if every neighbour pair is cabled) | thunderbolt | network
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from distributed.errors import MacrunError
+from distributed.errors import MacrunError, UsageError
 
 app = typer.Typer(
     name="macrun",
@@ -40,6 +40,8 @@ HostsOpt = Annotated[Path | None, typer.Option("--hosts", help="hosts.json (or a
 NprocOpt = Annotated[int, typer.Option("--nproc", "-n", min=1, help="Local ranks when there is no --hosts.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
                                                   help="Override a config key, e.g. --set train.steps=200.")]
+LinkOpt = Annotated[str, typer.Option("--link", help="Where the ring runs: auto (Thunderbolt when every neighbour "
+                                      "pair shares a cable, else the network), thunderbolt (required) or network.")]
 TrustOpt = Annotated[bool, typer.Option("--accept-new-host-keys",
                                         help="Trust hosts whose SSH key is not in known_hosts yet (TOFU).")]
 
@@ -75,6 +77,12 @@ def _load_hosts(path: Path | None) -> Any:
     return load_hosts(path)
 
 
+def _check_link(link: str) -> str:
+    if link not in ("auto", "thunderbolt", "network"):
+        raise UsageError(f"--link {link!r} is not one of auto, thunderbolt, network")
+    return link
+
+
 def _finish(result: Any) -> None:
     from launcher.job import render_failure_table
 
@@ -92,6 +100,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest valid checkpoint.")] = False,
     stop_at: Annotated[int | None, typer.Option("--stop-at", min=1, help="End early at this step, "
                                                 "with a checkpoint (resume later with --resume).")] = None,
+    link: LinkOpt = "auto",
     accept_new_host_keys: TrustOpt = False,
 ) -> None:
     """Train a model: one rank per host slot (or --nproc local ranks); checkpoints and logs in runs/<name>.
@@ -104,7 +113,8 @@ def train(
 
         with TrainingDisplay(out) as display:
             result = train_job(config, set_ or [], hosts=_load_hosts(hosts), nproc=nproc, resume=resume,
-                               stop_at=stop_at, accept_new_host_keys=accept_new_host_keys, emit=display.emit)
+                               stop_at=stop_at, accept_new_host_keys=accept_new_host_keys, link=_check_link(link),
+                               emit=display.emit)
     _finish(result)
 
 
@@ -115,6 +125,7 @@ def run(
     hosts: HostsOpt = None,
     nproc: NprocOpt = 1,
     name: Annotated[str, typer.Option(help="Job folder name on the hosts and under runs/.")] = "run",
+    link: LinkOpt = "auto",
     accept_new_host_keys: TrustOpt = False,
 ) -> None:
     """Run any command on every rank, torchrun-style: macrun run [--hosts hosts.json] -- python script.py ARGS
@@ -126,7 +137,7 @@ def run(
     argv = list(ctx.args)
     with user_errors():
         if not argv:
-            raise MacrunError("no command given", hint="put it after --, e.g. macrun run -- python script.py")
+            raise UsageError("no command given", hint="put it after --, e.g. macrun run -- python script.py")
         from launcher.api import LaunchSpec, launch
         from launcher.hosts import load_hosts
 
@@ -138,7 +149,7 @@ def run(
                     files[Path(arg).name] = Path(arg)
             argv = [Path(a).name if a in {str(p) for p in files.values()} else a for a in argv]
         spec = LaunchSpec(argv=argv, run_dir=Path("runs").resolve() / name, name=name, hosts=host_list,
-                          nproc=nproc, files=files, accept_new_host_keys=accept_new_host_keys)
+                          nproc=nproc, files=files, accept_new_host_keys=accept_new_host_keys, link=_check_link(link))
         result = launch(spec, emit=_emit)
     _finish(result)
 
@@ -171,7 +182,7 @@ def hosts_trust(
 
         matches = [h for h in _load_hosts(hosts) if h.name == name]
         if not matches:
-            raise MacrunError(f"no host named '{name}' in {hosts}", hint="see the names with: cat " + str(hosts))
+            raise UsageError(f"no host named '{name}' in {hosts}", hint="see the names with: cat " + str(hosts))
         fingerprint = trust_host_key(matches[0])
         out.print(f"trusted {name}: {fingerprint}")
 

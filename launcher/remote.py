@@ -23,15 +23,17 @@ from rich.console import Console
 
 from distributed.env import RankEnv
 from distributed.errors import HostError
+from distributed.links import Link
 from distributed.store import new_secret
 from distributed.store_server import StoreServer
+from distributed.topology import RingHost, plan_ring
 from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, ring_hostfile
 from launcher.hosts import HostSpec, layout_ranks
 from launcher.job import RankSpec, RunResult, run_ranks
-from launcher.preflight import Problem, check_hosts, probe_hosts, render_preflight, run_preflight
+from launcher.preflight import HostFacts, Problem, check_hosts, probe_hosts, render_preflight, run_preflight
 from launcher.ranks import SSHLauncher
 from launcher.ssh import SSHConnection, connect_all, shell_quote
-from launcher.sync import package_files, sync_all
+from launcher.sync import SyncReport, package_files, sync_all
 
 # Asks the host's kernel for free TCP ports (held together so they differ), for the ring and MASTER_PORT.
 _FREE_PORTS = (
@@ -95,6 +97,59 @@ def _fetch_tree(conn: SSHConnection, remote: str, local: Path) -> int:
     return copied
 
 
+def _prepare_hosts(
+    conns: Sequence[SSHConnection], files: dict[str, Path], job_dirs: dict[str, str], timings: dict[str, float],
+) -> tuple[tuple[dict[str, HostFacts], list[Problem]], dict[str, list[int]], dict[str, SyncReport]]:
+    """Probe every host, ask each for free ports and sync the job's files, all at once.
+
+    The three are independent remote commands on separate channels of one connection, so their round
+    trips and interpreter start-ups overlap instead of adding up (the probe, which imports MLX, is the
+    longest). Their errors are raised in that order, so a host without a usable Python is reported by
+    the probe. Syncing before the preflight verdict is safe: nothing runs until every check passed.
+    """
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        began = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            timings[name] = time.perf_counter() - began
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ports_future = pool.submit(timed, "ports", lambda: _free_ports_all(conns))
+        sync_future = pool.submit(timed, "sync", lambda: sync_all(conns, files, job_dirs))
+        workdirs = {c.host.name: c.host.workdir for c in conns}
+        preflight = timed("probe", lambda: run_preflight(conns, workdir_by_host=workdirs))
+        return preflight, ports_future.result(), sync_future.result()
+
+
+def _free_ports_all(conns: Sequence[SSHConnection]) -> dict[str, list[int]]:
+    """{host name: [master port, ring port per slot...]}, asked of every host in parallel."""
+    with ThreadPoolExecutor(max_workers=len(conns)) as pool:
+        return dict(zip([c.host.name for c in conns],
+                        pool.map(lambda c: _free_ports(c, c.host.slots + 1), conns), strict=True))
+
+
+def _push_hostfile(conns: Sequence[SSHConnection], hostfile: Path, job_dir: dict[str, str]) -> None:
+    """Put the ring hostfile (known only once every host named its free ports) into each job folder."""
+    with ThreadPoolExecutor(max_workers=len(conns)) as pool:
+        list(pool.map(lambda c: c.put_file(hostfile, posixpath.join(job_dir[c.host.name], hostfile.name),
+                                           mode=0o644), conns))
+
+
+def _ring_host(host: HostSpec, facts: HostFacts, address: str) -> RingHost:
+    """The ring planner's view of a host: its probed interfaces, where one holding an address listed in
+    hosts.json's `fast_ips` counts as Thunderbolt whatever the probe called it (e.g. a direct 10 GbE cable)."""
+    fast = set(host.fast_ips)
+    links = tuple(Link(i.name, "thunderbolt" if fast & set(i.addresses) else i.kind, i.ipv4, i.up, i.members)
+                  for i in facts.interfaces)
+    return RingHost(host.name, host.slots, address, links)
+
+
+def _interface_of(facts: HostFacts, address: str) -> str | None:
+    """The host's interface holding `address`, as the probe saw it; None when none does (e.g. NAT)."""
+    return next((i.name for i in facts.interfaces if address in i.addresses), None)
+
+
 def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                   on_ready: Callable[[list[RankSpec]], None] | None = None,
                   fetch: Sequence[str] = ()) -> RunResult:
@@ -102,27 +157,32 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
     hosts = list(spec.hosts or ())
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     conns = connect_all(hosts, accept_new_host_key=spec.accept_new_host_keys)
+    timings["connect"] = time.perf_counter() - started
     by_name = {c.host.name: c for c in conns}
     try:
-        facts, warnings = run_preflight(conns, workdir_by_host={h.name: h.workdir for h in hosts})
+        files = {**package_files(PACKAGE_DIR, "distributed"), **spec.files}
+        (facts, warnings), ports, reports = _prepare_hosts(
+            conns, files, {h.name: _job_dir(h, spec.name) for h in hosts}, timings)
         emit(_render(render_preflight(facts, warnings)))
         for w in warnings:
             emit(f"warning: {w.host}: {w.message}")
-        slots = layout_ranks(hosts)
-        with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
-            ports = dict(zip(by_name, pool.map(lambda c: _free_ports(c, c.host.slots + 1), conns), strict=True))
+        job_dir = {name: r.remote_dir for name, r in reports.items()}
         address = {h.name: (h.ips[0] if h.ips else by_name[h.name].peer_addr) for h in hosts}
+        ring = plan_ring([_ring_host(h, facts[h.name], address[h.name]) for h in hosts], spec.link)
+        emit(ring.describe())
+        # The plan may reorder hosts so that ring neighbours share a cable (rank 0's host stays first).
+        slots = layout_ranks(sorted(hosts, key=lambda h: ring.order.index(h.name)))
         ring_ports = {name: list(p[1:]) for name, p in ports.items()}
         hostfile = spec.run_dir / "mlx_hostfile.json"
-        hostfile.write_text(ring_hostfile([address[s.host.name] for s in slots],
-                                          [ring_ports[s.host.name][s.local_rank] for s in slots]))
-        files = {**package_files(PACKAGE_DIR, "distributed"), **spec.files, "mlx_hostfile.json": hostfile}
-        reports = sync_all(conns, files, {h.name: _job_dir(h, spec.name) for h in hosts})
+        hostfile.write_text(ring_hostfile(ring.addresses, [ring_ports[s.host.name][s.local_rank] for s in slots]))
+        began = time.perf_counter()
+        _push_hostfile(conns, hostfile, job_dir)
+        timings["hostfile"] = time.perf_counter() - began
         sent = sum(r.sent for r in reports.values())
-        emit(f"synced {len(files)} files to {len(hosts)} host(s): {sent} sent, "
+        emit(f"synced {len(files) + 1} files to {len(hosts)} host(s): {sent + len(hosts)} sent, "
              f"{sum(r.skipped for r in reports.values())} unchanged")
-        job_dir = {name: r.remote_dir for name, r in reports.items()}
 
         secret, run_id = new_secret(), f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         rank0 = slots[0].host.name
@@ -132,9 +192,12 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                 name = slot.host.name
                 env = RankEnv(rank=slot.rank, world_size=len(slots), local_rank=slot.local_rank,
                               local_world_size=slot.local_world_size, master_addr=address[rank0],
-                              master_port=ports[rank0][0], run_id=run_id, secret=secret, link="network",
+                              master_port=ports[rank0][0], run_id=run_id, secret=secret, link=ring.link,
                               mlx_hostfile=posixpath.join(job_dir[name], "mlx_hostfile.json"),
                               store_addr=by_name[name].local_addr, store_port=store.port).to_environ()
+                iface = _interface_of(facts[name], address[name])
+                if iface:  # torch's gloo binds where the hostname resolves (often 127.0.1.1 on Linux) otherwise
+                    env["GLOO_SOCKET_IFNAME"] = iface
                 if facts[name].openblas and not os.environ.get("MACRUN_NO_OPENBLAS"):
                     env["LD_PRELOAD"] = facts[name].openblas  # see distributed/probe.py: find_openblas
                 env.update(spec.env)
@@ -143,8 +206,10 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                                       python=slot.host.python))
             if on_ready:
                 on_ready(specs)
-            emit(f"starting {len(specs)} rank(s) on {len(hosts)} host(s) "
-                 f"({time.perf_counter() - started:.2f} s after connecting)")
+            t = timings
+            emit(f"starting {len(specs)} rank(s) on {len(hosts)} host(s) ({time.perf_counter() - started:.2f} s "
+                 f"from connecting: connect {t['connect']:.2f} s, probe {t['probe']:.2f} s with ports "
+                 f"{t['ports']:.2f} s and sync {t['sync']:.2f} s alongside, hostfile {t['hostfile']:.2f} s)")
             launchers = {h.name: SSHLauncher(by_name[h.name], job_dir[h.name]) for h in hosts}
             result = run_ranks(specs, launchers=launchers, log_dir=spec.run_dir / "logs", emit=emit,
                                heartbeat_ages=store.heartbeat_ages, heartbeat_timeout=spec.heartbeat_timeout,

@@ -49,8 +49,9 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
 
 def train_job(config_path: str | Path, overrides: Sequence[str] = (), *, hosts: Sequence[HostSpec] | None = None,
               nproc: int = 1, resume: bool = False, stop_at: int | None = None,
-              accept_new_host_keys: bool = False, emit: Callable[[str], None] = print) -> RunResult:
+              accept_new_host_keys: bool = False, link: str = "auto",
+              emit: Callable[[str], None] = print) -> RunResult:
     """Train a config on local ranks or on hosts; returns the run's result (exit code included)."""
     _cfg, spec = plan_training(config_path, overrides, hosts=hosts, nproc=nproc, resume=resume,
                                stop_at=stop_at, emit=emit)
-    return launch(replace(spec, accept_new_host_keys=accept_new_host_keys), emit=emit)
+    return launch(replace(spec, accept_new_host_keys=accept_new_host_keys, link=link), emit=emit)
