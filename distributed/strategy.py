@@ -1,8 +1,10 @@
 """What ranks exchange while training: nothing (one rank), gradients every step (DDP), or DiLoCo rounds.
 
-A strategy hooks into the training loop at two points: `reduce_gradients` inside the compiled step
-(DDP averages there) and `after_step` after each optimizer step (DiLoCo's outer step goes there).
-The collective engine is always MLX's own `mx.distributed` (ring backend).
+A strategy hooks into the training loop at three points: `reduce_gradients` inside the compiled step
+(DDP averages there), `after_step` after each optimizer step (DiLoCo's outer step goes there; `last` marks
+the run's final step) and `check_replicas` at eval time (proves that what should be identical on every
+rank is). The collective engine is always MLX's own `mx.distributed` (ring backend). DiLoCo lives in
+`distributed.diloco`, its wire formats in `distributed.compress`.
 """
 
 from __future__ import annotations
@@ -11,55 +13,101 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+
+from distributed.compress import ring_bytes
+from distributed.errors import TrainingError
+
+__all__ = ["DDPStrategy", "LocalStrategy", "Strategy", "broadcast_parameters", "replica_fingerprint",
+           "ring_bytes"]
+
+# Replicas agree when each tensor's sum matches rank 0's within this share of the tensor's sum of |w|.
+# Identical weights give identical sums up to the reduction order of `mx.sum` (float32: ~1e-7 relative);
+# a skipped allreduce or a rank on other data moves them far more within a step or two.
+REPLICA_RTOL = 1e-5
 
 
 class Strategy:
     """The interface the training loop drives; the base class is the single-rank no-op."""
 
     name = "local"
+    # Whether a non-finite loss on one rank is survivable (DiLoCo drops that rank's round) rather than fatal.
+    tolerates_nonfinite_loss = False
 
-    def __init__(self) -> None:
-        self.bytes_sent = 0  # payload bytes this rank sent over the network so far
+    def __init__(self, group: mx.distributed.Group | None = None) -> None:
+        self.group = group
+        self.rank, self.world_size = 0, 1
+        self.bytes_sent = 0  # payload bytes this rank put on the network so far (setup broadcast included)
         self.comm_seconds = 0.0  # wall time spent in collectives outside the compiled step
 
     def setup(self, model: nn.Module, *, rank: int, world_size: int) -> None:
+        """Called once before the first step (after any `restore`)."""
         self.rank, self.world_size = rank, world_size
 
     def reduce_gradients(self, grads: Any) -> Any:
+        """Runs inside the compiled train step, between the backward pass and the optimizer."""
         return grads
 
-    def after_step(self, model: nn.Module, optimizer: Any, step: int) -> None:
-        pass
+    def after_step(self, model: nn.Module, optimizer: Any, step: int, *, last: bool = False) -> None:
+        """Runs after optimizer step `step` (1-based) has been queued; `last` is true for the run's final step."""
+
+    def replicated_arrays(self, model: nn.Module) -> list[tuple[str, mx.array]]:
+        """The named arrays every rank must hold identically whenever `check_replicas` runs."""
+        return tree_flatten(model.trainable_parameters())
+
+    def check_replicas(self, model: nn.Module, step: int) -> None:
+        """Raise TrainingError unless every rank holds the same `replicated_arrays` (one small all_gather).
+
+        Every rank must call this at the same step; every rank then raises (or not) alike.
+        """
+        if self.group is None or self.world_size <= 1:
+            return
+        named = self.replicated_arrays(model)
+        mine = replica_fingerprint([v for _, v in named])
+        everyone = np.array(mx.distributed.all_gather(mine[None], group=self.group))
+        self.bytes_sent += (self.world_size - 1) * mine.nbytes
+        sums, abs_sums = everyone[:, 0::2], everyone[:, 1::2]
+        tolerance = REPLICA_RTOL * abs_sums[0] + 1e-6
+        for r in range(1, self.world_size):
+            off = np.flatnonzero(np.abs(sums[r] - sums[0]) > tolerance)
+            if off.size:
+                i = int(off[0])
+                raise TrainingError(
+                    f"rank {r}'s weights differ from rank 0's at step {step} ({named[i][0]}: sum "
+                    f"{sums[r, i]:.6g} vs {sums[0, i]:.6g}; {off.size} of {len(named)} tensors differ)",
+                    hint="the ranks no longer train one model: check that every host runs the same macrun "
+                         "and MLX versions, then resume from the last checkpoint (--resume)")
 
     def state_groups(self) -> dict[str, dict[str, mx.array]]:
-        """Extra arrays a checkpoint must hold to resume this strategy."""
+        """Extra arrays a checkpoint must hold to resume this strategy (called on rank 0 only)."""
         return {}
 
     def restore(self, groups: dict[str, dict[str, mx.array]]) -> None:
-        pass
+        """Take back what `state_groups` saved; called before `setup`."""
 
 
 LocalStrategy = Strategy
 
 
-def ring_bytes(payload_bytes: int, world_size: int) -> int:
-    """Bytes one rank sends in a ring allreduce of `payload_bytes`: 2(n-1)/n of the payload."""
-    return 0 if world_size <= 1 else (2 * (world_size - 1) * payload_bytes) // world_size
+def replica_fingerprint(arrays: list[mx.array]) -> mx.array:
+    """Per tensor (sum, sum of |w|) as one float32 vector: cheap to all_gather, sensitive per tensor."""
+    parts = [mx.stack([mx.sum(a.astype(mx.float32)), mx.sum(mx.abs(a.astype(mx.float32)))]) for a in arrays]
+    return mx.concatenate(parts)
 
 
 class DDPStrategy(Strategy):
     """Data parallel: every step the gradients are averaged across ranks, so all ranks take the same step.
 
     Gradients are packed into a few large flat buckets (one all_sum per bucket, not one per tensor): the
-    ring's per-call latency dominates small tensors.
+    ring's per-call latency dominates small tensors. The all_sum runs inside the compiled step, so its
+    time shows up in the step time, not in `comm_seconds`.
     """
 
     name = "ddp"
 
     def __init__(self, group: mx.distributed.Group, bucket_bytes: int = 32 << 20) -> None:
-        super().__init__()
-        self.group = group
+        super().__init__(group)
         self.bucket_bytes = bucket_bytes
         self._step_bytes = 0
 
@@ -67,7 +115,7 @@ class DDPStrategy(Strategy):
         super().setup(model, rank=rank, world_size=world_size)
         # The same seed gives the same weights everywhere; taking rank 0's makes it a guarantee
         # (and keeps a resumed rank 0 authoritative).
-        broadcast_parameters(model, self.group)
+        self.bytes_sent += broadcast_parameters(model, self.group)
         payload = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
         self._step_bytes = ring_bytes(payload, world_size)
 
@@ -99,16 +147,20 @@ class DDPStrategy(Strategy):
         flush()
         return tree_unflatten(out)
 
-    def after_step(self, model: nn.Module, optimizer: Any, step: int) -> None:
+    def after_step(self, model: nn.Module, optimizer: Any, step: int, *, last: bool = False) -> None:
         self.bytes_sent += self._step_bytes
 
 
-def broadcast_parameters(model: nn.Module, group: mx.distributed.Group) -> None:
-    """Make every rank start from rank 0's weights (others contribute zeros to an all_sum)."""
-    if group.size() == 1:
-        return
+def broadcast_parameters(model: nn.Module, group: mx.distributed.Group | None) -> int:
+    """Make every rank start from rank 0's weights (others contribute zeros to an all_sum).
+
+    Returns the bytes this rank sent.
+    """
+    if group is None or group.size() == 1:
+        return 0
     params = tree_flatten(model.parameters())
     synced = [(k, mx.distributed.all_sum(v if group.rank() == 0 else mx.zeros_like(v), group=group))
               for k, v in params]
     model.update(tree_unflatten(synced))
     mx.eval(model.parameters())
+    return sum(ring_bytes(v.nbytes, group.size()) for _, v in params)

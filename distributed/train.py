@@ -184,10 +184,10 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
         if step + 1 < end:  # prepare the next batch while this step computes
             x, y = (mx.array(a) for a in sampler.batch(step + 1))
         last_loss = loss.item()
-        strategy.after_step(model, optimizer, step + 1)
+        strategy.after_step(model, optimizer, step + 1, last=step + 1 == end)
         loss_sum, loss_n, window_tokens = loss_sum + last_loss, loss_n + 1, window_tokens + tokens_per_step
         done = step + 1
-        if not math.isfinite(last_loss):
+        if not math.isfinite(last_loss) and not strategy.tolerates_nonfinite_loss:
             raise FloatingPointError(f"loss became {last_loss} at step {done}; lower train.lr or check the data")
         is_eval = (t.eval_interval and done % t.eval_interval == 0) or done == end
         if done % t.log_interval == 0 or is_eval:
@@ -198,6 +198,7 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
                    "time": now - started}
             if is_eval:
                 val_loss = evaluate()
+                strategy.check_replicas(model, done)
                 row["val_loss"] = val_loss
             record(row)
             left = (now - started) / max(done - start_step, 1) * (t.steps - done)

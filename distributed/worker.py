@@ -39,10 +39,17 @@ def choose_strategy(cfg: Config, env: RankEnv | None) -> tuple[Strategy, str]:
 
     group = mx.distributed.init(backend="ring", strict=True)
     mode = cfg.strategy.mode
+    reason = f"strategy.mode={mode}"
+    if mode == "auto":
+        # TODO: measure the link (distributed.links.probe_link) and the step time, then ask
+        # distributed.costmodel.choose_strategy; until then the link's kind decides.
+        mode = "diloco" if env.link == "network" else "ddp"
+        reason = (f"auto: {env.link} link → DiLoCo, H={cfg.strategy.inner_steps}" if mode == "diloco"
+                  else f"auto: {env.link} link → per-step allreduce")
     if mode == "diloco":
-        raise MacrunError("strategy.mode=diloco is not available yet in this version",
-                          hint="use --set strategy.mode=ddp (or auto)")
-    reason = "strategy.mode=ddp" if mode == "ddp" else f"auto: {env.link} link → per-step allreduce"
+        from distributed.diloco import DiLoCoStrategy
+
+        return DiLoCoStrategy.from_config(group, cfg.strategy, log=lambda m: print(m, flush=True)), reason
     return DDPStrategy(group), reason
 
 

@@ -1,0 +1,201 @@
+"""DiLoCo: every rank takes H local AdamW steps, then all apply one outer Nesterov step on the averaged change.
+
+Douillard et al. 2023, "DiLoCo: Distributed Low-Communication Training of Language Models",
+arXiv:2311.08105, Algorithm 1. Per round t, with global parameters theta (identical on every rank):
+
+    each rank r:   theta_r <- theta; H inner AdamW steps on its own shard (its AdamW state persists)
+    pseudo-grad:   delta_r = theta - theta_r;    Delta = mean of delta_r over the ranks with a finite delta_r
+    outer step:    theta <- OuterSGD(theta, Delta)  (Nesterov momentum, outer_lr 0.7, momentum 0.9 in the paper)
+    every rank:    theta_r <- theta
+
+The exchange is the only communication: one collective every H steps instead of one every step. The outer
+state (theta and the momentum buffer) is replicated: every rank applies the same update to the same
+numbers, so it needs no second broadcast. Wire formats (float32, bf16/fp16, block int8) are in
+`distributed.compress`.
+
+Checkpoints hold the outer state and the round counter (group "diloco"); a resumed run restarts the
+current round from theta. Gap: only rank 0 writes checkpoints, so on resume every rank's inner AdamW
+state is rank 0's (the "optimizer" group), not its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from distributed.compress import EXCHANGE_DTYPES, ring_bytes, sum_valid, wire_bytes
+from distributed.config import StrategyConfig
+from distributed.errors import CheckpointError, TrainingError
+from distributed.strategy import Strategy, broadcast_parameters
+
+GROUP = "diloco"  # checkpoint group: "round", "params.<name>", "momentum.<name>"
+
+
+def outer_step(params: mx.array, momentum: mx.array, delta: mx.array, *, lr: float, mu: float,
+               nesterov: bool) -> tuple[mx.array, mx.array]:
+    """One outer SGD step on the averaged pseudo-gradient `delta`; returns (new params, new momentum).
+
+    The form of PyTorch's `torch.optim.SGD` (dampening 0), which is the outer optimizer of the DiLoCo
+    paper and of torchft's DiLoCo:  v <- mu*v + delta;  u <- delta + mu*v (Nesterov) or v;  p <- p - lr*u.
+    With lr = 1 and mu = 0 the new params are the mean of the ranks' local params.
+    """
+    v = mu * momentum + delta
+    update = delta + mu * v if nesterov else v
+    return params - lr * update, v
+
+
+class DiLoCoStrategy(Strategy):
+    """DiLoCo (arXiv:2311.08105) over `mx.distributed`: an outer step every `inner_steps` steps and at the end."""
+
+    name = "diloco"
+    tolerates_nonfinite_loss = True  # a diverged rank sits out its round and restarts from theta
+
+    def __init__(self, group: mx.distributed.Group | None, *, inner_steps: int = 100, outer_lr: float = 0.7,
+                 outer_momentum: float = 0.9, nesterov: bool = True, exchange_dtype: str = "float32",
+                 log: Callable[[str], None] = print) -> None:
+        super().__init__(group)
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+        if exchange_dtype not in EXCHANGE_DTYPES:
+            raise ValueError(f"exchange_dtype {exchange_dtype!r} is not one of {', '.join(EXCHANGE_DTYPES)}")
+        self.inner_steps, self.outer_lr, self.outer_momentum = inner_steps, outer_lr, outer_momentum
+        self.nesterov, self.exchange_dtype, self.log = nesterov, exchange_dtype, log
+        self.rounds = 0  # outer steps taken so far
+        self.valid_ranks = 0  # ranks that contributed to the last round
+        self.params: mx.array | None = None  # theta, flat float32
+        self.momentum: mx.array | None = None  # the outer momentum buffer, flat float32
+        self._layout: list[tuple[str, tuple[int, ...], mx.Dtype]] = []
+        self._restored: dict[str, mx.array] | None = None
+
+    @classmethod
+    def from_config(cls, group: mx.distributed.Group | None, cfg: StrategyConfig, *,
+                    log: Callable[[str], None] = print) -> DiLoCoStrategy:
+        return cls(group, inner_steps=cfg.inner_steps, outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
+                   nesterov=cfg.nesterov, exchange_dtype=cfg.exchange_dtype, log=log)
+
+    # -- flat views of the trainable parameters ------------------------------------------------
+
+    def _flatten(self, model: nn.Module) -> mx.array:
+        leaves = tree_flatten(model.trainable_parameters())
+        return mx.concatenate([v.reshape(-1).astype(mx.float32) for _, v in leaves])
+
+    def _pieces(self, flat: mx.array) -> list[tuple[str, mx.array]]:
+        out, offset = [], 0
+        for name, shape, _dtype in self._layout:
+            size = math.prod(shape)
+            out.append((name, flat[offset:offset + size].reshape(shape)))
+            offset += size
+        return out
+
+    def _load_into(self, model: nn.Module, flat: mx.array) -> None:
+        dtypes = {name: dtype for name, _, dtype in self._layout}
+        model.update(tree_unflatten([(k, v.astype(dtypes[k])) for k, v in self._pieces(flat)]))
+
+    # -- the hooks ---------------------------------------------------------------------------------
+
+    def setup(self, model: nn.Module, *, rank: int, world_size: int) -> None:
+        super().setup(model, rank=rank, world_size=world_size)
+        if world_size > 1 and self.group is None:
+            raise ValueError("DiLoCo with more than one rank needs an mx.distributed group")
+        self._layout = [(k, tuple(v.shape), v.dtype) for k, v in tree_flatten(model.trainable_parameters())]
+        momentum = None
+        if self._restored is not None:
+            saved = self._restored
+            names = {f"params.{k}" for k, _, _ in self._layout} | {f"momentum.{k}" for k, _, _ in self._layout}
+            if not names <= set(saved) or any(saved[f"params.{k}"].shape != s for k, s, _ in self._layout):
+                raise CheckpointError("the checkpoint's DiLoCo state does not match this model",
+                                      hint="resume with the config the run was started with")
+            params = mx.concatenate([saved[f"params.{k}"].reshape(-1).astype(mx.float32) for k, _, _ in self._layout])
+            momentum = mx.concatenate([saved[f"momentum.{k}"].reshape(-1).astype(mx.float32)
+                                       for k, _, _ in self._layout])
+            self.rounds = int(saved["round"].item()) if "round" in saved else 0
+            # A checkpoint taken mid-round holds rank 0's local weights: restart the round from theta.
+            self._load_into(model, params)
+            self._restored = None
+        self.bytes_sent += broadcast_parameters(model, self.group)
+        self.params = self._flatten(model)
+        self.momentum = mx.zeros_like(self.params) if momentum is None else momentum
+        if self.group is not None and world_size > 1:
+            # Rank 0's momentum is the one that counts. Sent even when it is zeros, so that every rank
+            # takes part in the same collectives whether or not it found the checkpoint.
+            self.momentum = mx.distributed.all_sum(self.momentum if rank == 0 else mx.zeros_like(self.momentum),
+                                                   group=self.group)
+            self.bytes_sent += ring_bytes(self.params.nbytes, world_size)
+        mx.eval(self.params, self.momentum)
+
+    def after_step(self, model: nn.Module, optimizer: Any, step: int, *, last: bool = False) -> None:
+        if step % self.inner_steps == 0 or last:
+            self.sync(model, optimizer, step)
+
+    def sync(self, model: nn.Module, optimizer: Any, step: int) -> None:
+        """End a round: exchange pseudo-gradients, take the outer step, set the local weights to theta."""
+        if self.params is None or self.momentum is None:
+            raise RuntimeError("DiLoCoStrategy.setup must run before the first step")
+        round_no = self.rounds + 1
+        delta = self.params - self._flatten(model)
+        valid = bool(mx.all(mx.isfinite(delta)).item())
+        if not valid:
+            self.log(f"rank {self.rank}: pseudo-gradient has NaN/Inf at round {round_no} (step {step}); "
+                     "contributing nothing this round")
+        total, count = sum_valid(delta, valid, self.group, self.exchange_dtype)
+        started = time.perf_counter()
+        mx.eval(total, count)
+        self.comm_seconds += time.perf_counter() - started
+        self.bytes_sent += wire_bytes(delta.size, self.world_size, self.exchange_dtype)
+        self.valid_ranks = int(count.item())
+        if self.valid_ranks == 0:
+            raise TrainingError(f"every rank's pseudo-gradient has NaN/Inf at DiLoCo round {round_no} (step {step})",
+                                hint="lower train.lr, or strategy.inner_steps")
+        params, momentum = outer_step(self.params, self.momentum, total / self.valid_ranks, lr=self.outer_lr,
+                                      mu=self.outer_momentum, nesterov=self.nesterov)
+        if not bool(mx.all(mx.isfinite(params)).item()):
+            raise TrainingError(f"the DiLoCo outer step at round {round_no} (step {step}) gave NaN/Inf weights",
+                                hint="lower strategy.outer_lr; with exchange_dtype=float16, use bfloat16 "
+                                     "(float16 overflows above 65504)")
+        self.params, self.momentum = params, momentum
+        self._load_into(model, params)
+        if not valid:
+            _reset_nonfinite_moments(optimizer)
+        mx.eval(self.params, self.momentum, model.parameters())
+        self.rounds = round_no
+
+    # -- replicas and checkpoints ------------------------------------------------------------------
+
+    def replicated_arrays(self, model: nn.Module) -> list[tuple[str, mx.array]]:
+        """theta and the momentum buffer: identical on every rank at all times (local weights are not)."""
+        if self.params is None or self.momentum is None:
+            return []
+        return ([(f"outer params {k}", v) for k, v in self._pieces(self.params)]
+                + [(f"outer momentum {k}", v) for k, v in self._pieces(self.momentum)])
+
+    def state_groups(self) -> dict[str, dict[str, mx.array]]:
+        if self.params is None or self.momentum is None:
+            return {}
+        group = {"round": mx.array(self.rounds, dtype=mx.int32)}
+        group.update({f"params.{k}": v for k, v in self._pieces(self.params)})
+        group.update({f"momentum.{k}": v for k, v in self._pieces(self.momentum)})
+        return {GROUP: group}
+
+    def restore(self, groups: dict[str, dict[str, mx.array]]) -> None:
+        # A checkpoint without the group (a DDP or single-rank run) starts a fresh outer state from its weights.
+        self._restored = dict(groups[GROUP]) if GROUP in groups else None
+
+
+def _reset_nonfinite_moments(optimizer: Any) -> None:
+    """Zero the inner optimizer's per-parameter state if any of it is NaN/Inf (the round's blow-up left it so).
+
+    The dict is changed in place: the compiled train step captured it.
+    """
+    state = optimizer.state
+    keys = [k for k in state if k not in ("step", "learning_rate")]
+    leaves = [v for k in keys for _, v in tree_flatten(state[k])]
+    if all(bool(mx.all(mx.isfinite(v)).item()) for v in leaves):
+        return
+    for k in keys:
+        state[k] = tree_map(mx.zeros_like, state[k])
