@@ -156,6 +156,8 @@ def connect_all(hosts: Sequence[HostSpec], *, timeout: float = 10.0,
     for o in outcomes:
         if isinstance(o, SSHConnection):
             o.close()
+    if len(failed) == 1 and isinstance(failed[0][1], HostError):
+        raise failed[0][1]  # one host: its own message and hint say it best
     names = ", ".join(h.name for h, _ in failed)
     lines = [f"cannot connect to {len(failed)} of {len(hosts)} hosts ({names}):"]
     lines += [f"  {h.name}: {exc}" for h, exc in failed]
@@ -318,17 +320,17 @@ def _authenticate(transport: paramiko.Transport, host: HostSpec, target: SSHTarg
                 # Often sshd's MaxAuthTries (6): an agent full of keys uses them up before the right one.
                 raise HostError(
                     f"{host.name} ({target.label}) closed the connection while logging in, after trying "
-                    f"{'; '.join(tried)}", hint=f"set \"key_file\" for {host.name} in hosts.json to the "
+                    f"{'; '.join(tried)}", hint=f"set \"identity_file\" for {host.name} in hosts.json to the "
                     "right key, or `IdentitiesOnly yes` for it in ~/.ssh/config") from exc
     finally:
         if agent is not None:
             agent.close()
 
-    what = "; ".join(tried) if tried else "no key at all (no ssh-agent, no ~/.ssh/id_* key, no key_file)"
+    what = "; ".join(tried) if tried else "no key at all (no ssh-agent, no ~/.ssh/id_* key, no identity_file)"
     raise HostError(
         f"cannot log in to {target.label} ({host.name}): no key was accepted; tried {what}",
         hint=(f"copy your public key there (`ssh-copy-id -p {target.port} {target.user}@{target.hostname}`), "
-              f"or set \"key_file\" (or \"user\") for {host.name} in hosts.json"))
+              f"or set \"identity_file\" (or \"user\") for {host.name} in hosts.json"))
 
 
 def _candidate_keys(host: HostSpec, target: SSHTarget, tried: list[str],
@@ -341,7 +343,7 @@ def _candidate_keys(host: HostSpec, target: SSHTarget, tried: list[str],
             tried.append(f"{path} ({problem})")  # the agent may hold it; tried below
         elif key is None:
             raise HostError(f"cannot use key file {path} for {target.label} ({host.name}): {problem}",
-                            hint=f"fix or remove \"key_file\" for {host.name} in hosts.json")
+                            hint=f"fix or remove \"identity_file\" for {host.name} in hosts.json")
         else:
             yield path, key
     for path in target.identity_files:

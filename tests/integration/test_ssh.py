@@ -309,8 +309,14 @@ def test_connect_all_closes_the_good_ones_when_one_fails(tmp_path: Path, monkeyp
         bad = HostSpec(name="bad", hostname="127.0.0.1", port=free_port())
         with pytest.raises(HostError) as err:
             ssh.connect_all([*good, bad])
+        # One failed host: its own one-line error, naming it (not the good ones).
+        assert "\n" not in err.value.message and "good" not in err.value.message
+        assert err.value.message.startswith("cannot reach bad (127.0.0.1:")
+        bad2 = HostSpec(name="bad2", hostname="127.0.0.1", port=free_port())
+        with pytest.raises(HostError) as err:
+            ssh.connect_all([*good, bad, bad2])
         first_line = err.value.message.splitlines()[0]
-        assert "1 of 3" in first_line and "bad" in first_line and "good" not in first_line
+        assert "2 of 4" in first_line and "bad, bad2" in first_line and "good" not in first_line
         assert "bad: cannot reach bad (127.0.0.1:" in err.value.message
         deadline = time.monotonic() + 5
         while established_to(own.port) and time.monotonic() < deadline:
