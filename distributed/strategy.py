@@ -164,3 +164,21 @@ def broadcast_parameters(model: nn.Module, group: mx.distributed.Group | None) -
     model.update(tree_unflatten(synced))
     mx.eval(model.parameters())
     return sum(ring_bytes(v.nbytes, group.size()) for _, v in params)
+
+
+def adopt_from_rank0(step: int, state: Any, group: mx.distributed.Group) -> tuple[int, Any, int]:
+    """Every rank takes rank 0's step counter and optimizer state (others contribute zeros to an all_sum).
+
+    Used on resume: only rank 0 reads the checkpoint, so a rank on a host without it continues exactly
+    where rank 0 does. Returns (step, state, bytes this rank sent).
+    """
+    rank0 = group.rank() == 0
+    # Sorted: a state read back from a checkpoint lists its keys in another order than a fresh one, and
+    # the ranks must issue their collectives in the same order.
+    flat = sorted(tree_flatten(state), key=lambda kv: kv[0])
+    synced = [(k, mx.distributed.all_sum(v if rank0 else mx.zeros_like(v), group=group)) for k, v in flat]
+    agreed = mx.distributed.all_sum(mx.array(step if rank0 else 0, dtype=mx.int32), group=group)
+    mx.eval(agreed, [v for _, v in synced])
+    sent = sum(ring_bytes(v.nbytes, group.size()) for _, v in flat)
+    return int(agreed.item()), tree_unflatten(synced), sent
+

@@ -30,7 +30,7 @@ from distributed.config import Config, TrainConfig
 from distributed.data import BatchSampler, val_batches
 from distributed.errors import CheckpointError
 from distributed.models.gpt import build_model, count_params, loss_fn
-from distributed.strategy import LocalStrategy, Strategy
+from distributed.strategy import LocalStrategy, Strategy, adopt_from_rank0
 
 
 def lr_at(step: int | mx.array, t: TrainConfig) -> Any:
@@ -100,7 +100,11 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
     start_step = 0
-    if resume:
+    group = getattr(strategy, "group", None)
+    shared = group is not None and world_size > 1
+    # With several ranks only rank 0 reads the checkpoint (it wrote it, maybe on its own host); the others
+    # adopt its step and optimizer state below and its weights in strategy.setup.
+    if resume and (is_main or not shared):
         ckpt, warnings = latest_checkpoint(ckpt_root)
         for w in warnings:
             log(f"warning: {w}")
@@ -116,6 +120,9 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
             start_step = ckpt.step
             say(f"resumed from {ckpt.path} (step {ckpt.step})")
     strategy.setup(model, rank=rank, world_size=world_size)
+    if resume and shared:
+        start_step, optimizer.state, sent = adopt_from_rank0(start_step, optimizer.state, group)
+        strategy.bytes_sent += sent
 
     sampler = BatchSampler(data_dir / "train.bin", cfg.data.seq_len, t.batch_size, rank, world_size, cfg.run.seed)
     evals = [(mx.array(x), mx.array(y)) for x, y in

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from distributed.checkpoint import latest_checkpoint
 from distributed.config import Config, load_config
 from distributed.data import prepare_data
 from distributed.errors import ConfigError
@@ -37,6 +38,14 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
         # On hosts, everything lives in the job folder the launcher syncs: relative paths.
         files = {"config.yaml": config_file, **{f"data/{p.name}": p for p in sorted(prepared.dir.iterdir())
                                                 if p.is_file()}}
+        if resume:
+            # Rank 0 reads the checkpoint; its host may not be the one that wrote it. Sync sends these files
+            # only where they are missing or differ.
+            latest, warnings = latest_checkpoint(ckpts)
+            for w in warnings:
+                emit(f"warning: {w}")
+            if latest is not None:
+                files.update({f"checkpoints/{latest.path.name}/{p.name}": p for p in sorted(latest.path.iterdir())})
         argv = ["python", "-m", "distributed.worker", "config.yaml", "--data", "data", "--run-dir", "."]
     else:
         files = {}
