@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from distributed.config import Config, load_config
 from distributed.env import RankEnv
@@ -29,7 +30,55 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def choose_strategy(cfg: Config, env: RankEnv | None) -> tuple[Strategy, str]:
+def measure_step_seconds(cfg: Config, repeats: int = 3) -> float:
+    """One training step's compute time on this rank (forward + backward of the real model and batch shape)."""
+    import time
+    from functools import partial
+
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from distributed.models.gpt import build_model, loss_fn
+
+    model = build_model(cfg.model, cfg.data.seq_len, cfg.run.seed)
+    shape = (cfg.train.batch_size, cfg.data.seq_len)
+    x = mx.random.randint(0, 256, shape, key=mx.random.key(1))
+    y = mx.random.randint(0, 256, shape, key=mx.random.key(2))
+    step = mx.compile(partial(nn.value_and_grad(model, loss_fn), model))
+    mx.eval(step(x, y))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        mx.eval(step(x, y))
+        times.append(time.perf_counter() - began)
+    return sorted(times)[len(times) // 2]
+
+
+def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any) -> tuple[str, str]:
+    """Auto mode: measure the ring's links and a step, and let the cost model choose; rank 0's word binds all."""
+    import mlx.core as mx
+
+    from distributed.costmodel import choose_strategy as cost_choice
+    from distributed.links import hostfile_address, measure_ring
+    from distributed.models.gpt import build_model, count_params
+
+    links = measure_ring(client, env.rank, env.world_size, hostfile_address(env.mlx_hostfile or "", env.rank),
+                         tag=f"auto-{env.run_id}")
+    bandwidth = min(m.bandwidth_bytes_s for m in links)
+    latency = max(m.rtt_s for m in links) / 2
+    mine = measure_step_seconds(cfg)
+    step = float(mx.distributed.all_sum(mx.array(mine), group=group).item()) / env.world_size
+    grads = count_params(build_model(cfg.model, cfg.data.seq_len, cfg.run.seed)) * 4  # float32 gradients
+    decision = cost_choice(step, grads, env.world_size, bandwidth, latency, "auto", cfg.strategy.inner_steps,
+                           link=env.link)
+    # Every rank computed the same from the same numbers; still, take rank 0's choice so they cannot split.
+    vote = 1.0 if decision.mode == "diloco" and env.rank == 0 else 0.0
+    mode = "diloco" if mx.distributed.all_sum(mx.array(vote), group=group).item() > 0.5 else "ddp"
+    measured = f"slowest ring link {bandwidth * 8 / 1e9:.2f} Gbit/s, rtt {latency * 2e3:.2f} ms"
+    return mode, f"auto: {decision.reason} ({measured})"
+
+
+def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None) -> tuple[Strategy, str]:
     """The strategy for this run and the reason, printed by rank 0."""
     from distributed.strategy import LocalStrategy
 
@@ -41,11 +90,11 @@ def choose_strategy(cfg: Config, env: RankEnv | None) -> tuple[Strategy, str]:
     mode = cfg.strategy.mode
     reason = f"strategy.mode={mode}"
     if mode == "auto":
-        # TODO: measure the link (distributed.links.probe_link) and the step time, then ask
-        # distributed.costmodel.choose_strategy; until then the link's kind decides.
-        mode = "diloco" if env.link == "network" else "ddp"
-        reason = (f"auto: {env.link} link → DiLoCo, H={cfg.strategy.inner_steps}" if mode == "diloco"
-                  else f"auto: {env.link} link → per-step allreduce")
+        if client is not None and env.mlx_hostfile:
+            mode, reason = decide_auto(cfg, env, group, client)
+        else:  # started by hand without the launcher's rendezvous: the link's kind decides
+            mode = "diloco" if env.link == "network" else "ddp"
+            reason = f"auto: {env.link} link, not measured (no rendezvous) → {mode}"
     if mode == "diloco":
         from distributed.diloco import DiLoCoStrategy
 
@@ -59,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         env = RankEnv.from_environ() if "RANK" in os.environ else None
         rank, world = (env.rank, env.world_size) if env else (0, 1)
-        heartbeat = None
+        heartbeat = client = None
         if env is not None and env.world_size > 0 and os.environ.get("MACRUN_SECRET"):
             from distributed.store import StoreClient, start_heartbeat
 
             client = StoreClient.from_env(env)
             heartbeat = start_heartbeat(client, env.rank)
-        strategy, reason = choose_strategy(cfg, env)
+        strategy, reason = choose_strategy(cfg, env, client)
         if rank == 0:
             print(f"strategy {strategy.name}: {reason}", flush=True)
         from distributed.train import train
@@ -79,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result.tokens_per_s:,.0f} tok/s over {result.seconds:.1f} s", flush=True)
         if heartbeat is not None:
             heartbeat.set()
+        if client is not None:
+            client.close()
         return 0
     except MacrunError as exc:
         print(f"error: {exc.message}", file=sys.stderr, flush=True)

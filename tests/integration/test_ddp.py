@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -201,5 +202,6 @@ def test_macrun_train_two_local_ranks_picks_ddp_on_a_local_link(tmp_path: Path, 
     result = launch(replace(spec, heartbeat_timeout=120), emit=lines.append)
     text = "\n".join(lines)
     assert result.exit_code == 0, text
-    assert "strategy ddp: auto: local link → per-step allreduce" in text
+    # Auto mode measured the loopback ring and a step, and the cost model chose DDP.
+    assert re.search(r"strategy ddp: auto: allreduce \S+ \S+ vs step \S+ \S+ over local → DDP", text), text
     assert f"done: step {STEPS}" in text
