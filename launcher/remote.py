@@ -136,7 +136,7 @@ def _push_hostfile(conns: Sequence[SSHConnection], hostfile: Path, job_dir: dict
                                            mode=0o644), conns))
 
 
-def _ring_host(host: HostSpec, facts: HostFacts, address: str) -> RingHost:
+def ring_host(host: HostSpec, facts: HostFacts, address: str) -> RingHost:
     """The ring planner's view of a host: its probed interfaces, where one holding an address listed in
     hosts.json's `fast_ips` counts as Thunderbolt whatever the probe called it (e.g. a direct 10 GbE cable)."""
     fast = set(host.fast_ips)
@@ -170,7 +170,7 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
             emit(f"warning: {w.host}: {w.message}")
         job_dir = {name: r.remote_dir for name, r in reports.items()}
         address = {h.name: (h.ips[0] if h.ips else by_name[h.name].peer_addr) for h in hosts}
-        ring = plan_ring([_ring_host(h, facts[h.name], address[h.name]) for h in hosts], spec.link)
+        ring = plan_ring([ring_host(h, facts[h.name], address[h.name]) for h in hosts], spec.link)
         emit(ring.describe())
         # The plan may reorder hosts so that ring neighbours share a cable (rank 0's host stays first).
         slots = layout_ranks(sorted(hosts, key=lambda h: ring.order.index(h.name)))

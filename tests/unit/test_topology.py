@@ -133,7 +133,7 @@ def test_bad_input_is_a_host_error() -> None:
 def test_launcher_view_of_a_host_counts_fast_ips_as_thunderbolt() -> None:
     from launcher.hosts import HostSpec
     from launcher.preflight import HostFacts, InterfaceFacts
-    from launcher.remote import _ring_host
+    from launcher.remote import ring_host
 
     def facts(name: str, *interfaces: InterfaceFacts) -> HostFacts:
         return HostFacts(name=name, hostname=name, python_version="3.12.4", python_executable="python3",
@@ -143,14 +143,14 @@ def test_launcher_view_of_a_host_counts_fast_ips_as_thunderbolt() -> None:
                          probe_seconds=0.1)
 
     # Two Mac minis joined by a direct 10 GbE cable: the probe calls it Ethernet; hosts.json says it is fast.
-    a = _ring_host(HostSpec("a", "a.local", fast_ips=("10.6.0.1",)),
+    a = ring_host(HostSpec("a", "a.local", fast_ips=("10.6.0.1",)),
                    facts("a", InterfaceFacts("en0", "wifi", ("192.168.1.10/24",)),
                          InterfaceFacts("en8", "ethernet", ("10.6.0.1/30",))), "192.168.1.10")
-    b = _ring_host(HostSpec("b", "b.local", slots=2),
+    b = ring_host(HostSpec("b", "b.local", slots=2),
                    facts("b", InterfaceFacts("en0", "wifi", ("192.168.1.11/24",)),
                          InterfaceFacts("en8", "ethernet", ("10.6.0.2/30",))), "192.168.1.11")
     assert [link.kind for link in a.links] == ["wifi", "thunderbolt"] and b.slots == 2
     assert plan_ring([a, b]).reason == "b has no Thunderbolt link up with an IPv4 address"
-    b_fast = _ring_host(HostSpec("b", "b.local", slots=2, fast_ips=("10.6.0.2",)),
+    b_fast = ring_host(HostSpec("b", "b.local", slots=2, fast_ips=("10.6.0.2",)),
                         facts("b", InterfaceFacts("en8", "ethernet", ("10.6.0.2/30",))), "192.168.1.11")
     assert plan_ring([a, b_fast]).addresses == ("10.6.0.1", "10.6.0.2", "127.0.0.1")

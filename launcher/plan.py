@@ -1,0 +1,295 @@
+"""What the wizard will do, worked out before anything happens: the models on offer and whether they fit,
+the links and strategy, the run's name, the files it will write and the equivalent `macrun train` command.
+
+Everything here is pure (or reads config files only) so it can be unit-tested; the one writer,
+`write_atomic`, is called by the wizard after the user confirmed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from distributed.config import Config, ModelConfig, load_config
+from distributed.errors import MacrunError
+from distributed.models.gpt import VOCAB_SIZE, estimate_memory_bytes
+from distributed.topology import RingPlan, plan_ring
+from launcher.hosts import HostSpec
+from launcher.preflight import HostFacts
+
+# MLX on a Mac lets the GPU use about 3/4 of unified memory by default (Metal's recommendedMaxWorkingSetSize);
+# the rest belongs to macOS and other apps. A model whose estimate is above that share may not fit.
+FIT_SHARE = 0.75
+PREFERRED_MODEL = "quickstart"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChoice:
+    """One config from configs/, with what it costs; `error` is set when it cannot be loaded."""
+
+    name: str  # the file's stem: "quickstart"
+    path: Path
+    description: str  # the first comment line of the file
+    config: Config | None
+    params: int = 0
+    memory_per_rank: int = 0  # bytes, estimate_memory_bytes
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """A selected machine as the memory check needs it."""
+
+    name: str
+    memory_bytes: int
+    slots: int = 1
+
+
+# ---- models -------------------------------------------------------------------------------------------
+
+def describe_config(text: str) -> str:
+    """The first comment line of a YAML file ("# A small GPT ..." -> "A small GPT ..."), else ""."""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            body = stripped.lstrip("#").strip()
+            if body:
+                return body
+        elif stripped:
+            return ""  # the header comment ends at the first key
+    return ""
+
+
+def param_count(model_cfg: ModelConfig, block_size: int) -> int:
+    """Parameters of the built-in GPT, counted from its shape (equal to gpt.count_params of the built model)."""
+    n_layer, _n_head, n_embd = model_cfg.dims()
+    return (VOCAB_SIZE * n_embd + block_size * n_embd  # token (tied with the output layer) and positions
+            + n_layer * (12 * n_embd * n_embd + 4 * n_embd)  # attention, MLP and two LayerNorms per block
+            + 2 * n_embd)  # the final LayerNorm
+
+
+def load_model_choice(path: Path, overrides: Sequence[str] = ()) -> ModelChoice:
+    """Read one config with `overrides` applied and work out its size; a bad file becomes `error`."""
+    try:
+        description = describe_config(path.read_text(encoding="utf-8"))
+        cfg = load_config(path, overrides)
+    except (OSError, UnicodeDecodeError) as exc:
+        return ModelChoice(path.stem, path, "", None, error=f"cannot read {path}: {exc}")
+    except MacrunError as exc:
+        return ModelChoice(path.stem, path, "", None, error=exc.message)
+    return ModelChoice(path.stem, path, description, cfg, params=param_count(cfg.model, cfg.data.seq_len),
+                       memory_per_rank=estimate_memory_bytes(cfg.model, cfg.data.seq_len, cfg.train.batch_size))
+
+
+def list_models(config_dir: Path, overrides: Sequence[str] = ()) -> list[ModelChoice]:
+    """Every *.yaml in `config_dir`, smallest model first; those that fail to load come last."""
+    choices = [load_model_choice(p, overrides) for p in sorted(config_dir.glob("*.yaml"))]
+    return sorted(choices, key=lambda c: (c.error is not None, c.params, c.name))
+
+
+def default_model(choices: Sequence[ModelChoice]) -> ModelChoice | None:
+    """The quickstart when it is there, else the smallest model that loads."""
+    usable = [c for c in choices if c.error is None]
+    return next((c for c in usable if c.name == PREFERRED_MODEL), usable[0] if usable else None)
+
+
+def find_config_dir(cwd: Path, source_root: Path) -> Path:
+    """./configs when there is one, else the configs shipped beside macrun's source."""
+    local = cwd / "configs"
+    return local if local.is_dir() else source_root / "configs"
+
+
+def fit_problem(memory_per_rank: int, machines: Sequence[Machine]) -> str | None:
+    """A warning when the model may not fit the tightest of `machines` (its ranks' share of memory), else None."""
+    if not machines or memory_per_rank <= 0:
+        return None
+    tight = min(machines, key=lambda m: m.memory_bytes / max(1, m.slots))
+    need = memory_per_rank * tight.slots
+    budget = int(tight.memory_bytes * FIT_SHARE)
+    if need <= budget:
+        return None
+    per = f" ({tight.slots} ranks)" if tight.slots > 1 else ""
+    return (f"needs about {format_bytes(need)} per Mac{per}, but {tight.name} has {format_bytes(tight.memory_bytes)}"
+            f" (about {format_bytes(budget)} usable by MLX): lower train.batch_size or data.seq_len, "
+            f"or pick a smaller model")
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'; whole units from GiB down, one decimal below 10."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" or value >= 10 else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_count(n: int) -> str:
+    """123_456 -> '0.12M', 85_100_000 -> '85.1M', 1.3e9 -> '1.3B'."""
+    if n >= 1_000_000_000:
+        return f"{n / 1e9:.1f}B"
+    return f"{n / 1e6:.2f}M" if n < 10_000_000 else f"{n / 1e6:.1f}M"
+
+
+# ---- links and strategy ---------------------------------------------------------------------------------
+
+def plan_links(hosts: Sequence[HostSpec], facts: Mapping[str, HostFacts], mode: str = "auto") -> RingPlan:
+    """Where the ring will run, worked out exactly as the launch will (distributed.topology.plan_ring).
+
+    Raises HostError when `mode` is "thunderbolt" and some pair of neighbours has no cable.
+    """
+    from launcher.remote import ring_host  # the launch's own view of a host, so plan and launch agree
+
+    return plan_ring([ring_host(h, facts[h.name], h.ips[0] if h.ips else h.hostname) for h in hosts], mode)
+
+
+def describe_links(ring: RingPlan) -> str:
+    """The ring in one line, with why it runs over that link."""
+    if len(ring.rank_hosts) == 1:
+        return "none needed (one rank)"
+    return f"{ring.describe()} ({ring.reason})" if ring.link == "thunderbolt" else ring.describe()
+
+
+def describe_strategy(cfg: Config, world_size: int, link: str) -> tuple[str, str]:
+    """The strategy to expect and why. In auto mode the ranks decide at start from measured numbers
+    (distributed.worker.decide_auto: link probe + timed step → distributed.costmodel); this is the likely outcome."""
+    if world_size <= 1:
+        return "local", "one rank: nothing to exchange"
+    mode = cfg.strategy.mode
+    if mode == "auto":
+        measured = "decided when the ranks start, from the measured link speed and step time"
+        if link == "network":
+            return "diloco", (f"auto: {measured}; over the network DiLoCo is usual, ranks averaging their "
+                              f"progress every {cfg.strategy.inner_steps} steps")
+        return "ddp", f"auto: {measured}; over {link} a per-step allreduce of the gradients is usual"
+    if mode == "diloco":
+        return "diloco", f"strategy.mode=diloco: ranks average their progress every {cfg.strategy.inner_steps} steps"
+    return "ddp", "strategy.mode=ddp: gradients averaged every step"
+
+
+# ---- the plan ---------------------------------------------------------------------------------------------
+
+def pick_run_name(base: str, output_dir: Path) -> str:
+    """`base`, or `base-2`, `base-3`, ... : the first name no earlier run or wizard file uses."""
+    name, n = base, 2
+    while any(p.exists() for p in (output_dir / name, output_dir / f"{name}.yaml",
+                                   output_dir / f"{name}.hosts.json")):
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def launch_order(existing: Sequence[str], selected: Sequence[HostSpec]) -> list[HostSpec]:
+    """The selection in the order the merged hosts file will list it: file entries first, then new ones.
+
+    Ranks are numbered in file order, so this keeps `macrun train --hosts FILE` equivalent to the launch.
+    """
+    by_name = {s.name.lower(): s for s in selected}
+    first = [by_name[n.lower()] for n in existing if n.lower() in by_name]
+    seen = {s.name.lower() for s in first}
+    return first + [s for s in selected if s.name.lower() not in seen]
+
+
+@dataclass(frozen=True, slots=True)
+class WizardPlan:
+    """Everything the wizard will do on "launch"."""
+
+    hosts: list[HostSpec]  # the machines, in hosts-file order (the ring may start the others in another order)
+    ring: RingPlan
+    model: ModelChoice
+    config: Config  # the model's config with the run's name
+    source_config: Path
+    overrides: tuple[str, ...]
+    hosts_file: Path  # machines are merged into it (never dropping an entry)
+    run_config: Path  # the run's config: <output_dir>/<name>.yaml
+    run_hosts_file: Path | None  # exactly the selection, when hosts_file lists other machines too
+    kept_entries: int  # entries of hosts_file that stay as they were
+    link_mode: str = "auto"  # --link: auto | thunderbolt | network
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return sum(h.slots for h in self.hosts)
+
+    @property
+    def launch_hosts_file(self) -> Path:
+        return self.run_hosts_file or self.hosts_file
+
+    def command(self, cwd: Path) -> str:
+        """The `macrun train` command that does the same launch again."""
+        link = ["--link", self.link_mode] if self.link_mode != "auto" else []
+        return shlex.join(["macrun", "train", "--hosts", _relative(self.launch_hosts_file, cwd), *link,
+                           _relative(self.run_config, cwd)])
+
+
+def _relative(path: Path, cwd: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(cwd.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def plan_rows(plan: WizardPlan, cwd: Path) -> list[tuple[str, str]]:
+    """The plan as (label, text) rows, in the order a person reads it."""
+    cfg, t = plan.config, plan.config.train
+    machines = ", ".join(f"{h.name} ({h.hostname}" + (f", {h.slots} ranks" if h.slots > 1 else "") + ")"
+                         for h in plan.hosts)
+    strategy, why = describe_strategy(cfg, plan.world_size, plan.ring.link)
+    tokens = t.steps * t.batch_size * cfg.data.seq_len * plan.world_size
+    ckpt = (f"every {t.checkpoint_interval} steps" if 0 < t.checkpoint_interval < t.steps
+            else f"at the end (step {t.steps})")
+    rank0 = plan.hosts[0].name if plan.hosts else "?"
+    written = [f"{_relative(plan.hosts_file, cwd)} (adds/updates {len(plan.hosts)}, keeps {plan.kept_entries})",
+               _relative(plan.run_config, cwd)]
+    if plan.run_hosts_file:
+        written.append(f"{_relative(plan.run_hosts_file, cwd)} (just these machines)")
+    rows = [
+        ("machines", f"{machines} → {plan.world_size} rank{'s' if plan.world_size != 1 else ''}; "
+                     f"rank 0 on {rank0}"),
+        ("links", describe_links(plan.ring)),
+        ("model", f"{plan.model.name}: {cfg.model.size} GPT, {format_count(plan.model.params)} parameters, "
+                  f"about {format_bytes(plan.model.memory_per_rank)} per rank"),
+        ("strategy", f"{strategy} ({why})"),
+        ("steps", f"{t.steps:,} steps × {plan.world_size} rank{'s' if plan.world_size != 1 else ''} × "
+                  f"{t.batch_size} sequences × {cfg.data.seq_len} tokens = {tokens:,} tokens; "
+                  "the run prints its ETA as it goes"),
+        ("data", f"{cfg.data.source}" + (f" (first {cfg.data.max_bytes:,} bytes)" if cfg.data.max_bytes else "")),
+        ("checkpoints", f"{ckpt}, on {rank0}, copied back to "
+                        f"{_relative(Path(cfg.run.output_dir) / cfg.run.name / 'checkpoints', cwd)}"),
+        ("writes", "; ".join(written)),
+        ("command", plan.command(cwd)),
+    ]
+    rows += [("warning", w) for w in plan.warnings]
+    return rows
+
+
+def run_config_text(plan: WizardPlan, cwd: Path) -> str:
+    """The run's YAML: the resolved config, headed by where it came from and how to run it again."""
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in plan.overrides)
+    header = [
+        f"# Run {plan.config.run.name}: written by wizard.py from {_relative(plan.source_config, cwd)}"
+        + (f" {sets}" if sets else ""),
+        f"#   {plan.command(cwd)}",
+        "# Running it again needs --resume (continue) or --set run.name=<new name>.",
+    ]
+    return "\n".join(header) + "\n" + yaml.safe_dump(plan.config.to_dict(), sort_keys=False)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a temp file beside `path`, then rename it over `path`: nobody ever sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
