@@ -428,7 +428,7 @@ def to_json(hosts: Sequence[HostSpec]) -> dict[str, Any]:
     return {"hosts": [_entry(spec, {}) for spec in hosts]}
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write a temp file in the same folder and rename it over `path`: no reader sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -476,7 +476,7 @@ def save_hosts(path: str | Path, hosts: Sequence[HostSpec]) -> None:
         entries[i] = {**{k: v for k, v in old.items() if k.startswith("_")}, **new}
     doc["hosts"] = entries
     parse_hosts(doc, source, base_dir=path.parent, check_files=False)
-    _write_atomic(path, json.dumps(doc, indent=2) + "\n")
+    write_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
 def write_mlx_hostfile(hosts: Sequence[HostSpec], path: Path) -> None:
@@ -494,7 +494,7 @@ def write_mlx_hostfile(hosts: Sequence[HostSpec], path: Path) -> None:
         if ips:
             entry["ips"] = ips
         out.extend(dict(entry) for _ in range(spec.slots))
-    _write_atomic(Path(path), json.dumps(out, indent=2) + "\n")
+    write_atomic(Path(path), json.dumps(out, indent=2) + "\n")
 
 
 def _is_ip(text: str) -> bool:

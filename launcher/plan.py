@@ -7,9 +7,7 @@ Everything here is pure (or reads config files only) so it can be unit-tested; t
 
 from __future__ import annotations
 
-import os
 import shlex
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from distributed.config import Config, ModelConfig, load_config
 from distributed.errors import MacrunError
 from distributed.models.gpt import VOCAB_SIZE, estimate_memory_bytes
 from distributed.topology import RingPlan, plan_ring
-from launcher.hosts import HostSpec
+from launcher.hosts import HostSpec, write_atomic  # noqa: F401  (re-exported for the wizard)
 from launcher.preflight import HostFacts
 
 # MLX on a Mac lets the GPU use about 3/4 of unified memory by default (Metal's recommendedMaxWorkingSetSize);
@@ -280,16 +278,3 @@ def run_config_text(plan: WizardPlan, cwd: Path) -> str:
     return "\n".join(header) + "\n" + yaml.safe_dump(plan.config.to_dict(), sort_keys=False)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a temp file beside `path`, then rename it over `path`: nobody ever sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
