@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import queue
 import secrets
+import signal
 import threading
 import time
 from collections import deque
@@ -44,6 +45,7 @@ __all__ = ["RankSpec", "RankState", "RankResult", "RunResult", "RankLauncher", "
 LAST_LINES = 20
 HARD_STOP_MARGIN_S = 1.0  # after grace, leave the shim a moment to SIGKILL (and report) on its own
 KILL_WAIT_S = 5.0  # after a hard stop, how long to wait for an exit before giving the rank up
+SIGNAL_POLL_S = 0.1  # how soon the monitor acts on a Ctrl-C (or SIGTERM) that its handler noted
 DRAIN_S = 2.0  # after an exit, how long to wait for the last output (a leftover may hold the pipe)
 LOST_POLL_S = 0.5  # how often a remote rank's channel is checked while waiting for its exit
 EXIT_INTERRUPTED = 130
@@ -107,6 +109,9 @@ class _Monitor:
                                           log_path=path)
         self.first_failure: _Rank | None = None
         self.interrupted = False
+        self.signals_seen = 0  # bumped by the signal handler; nothing else may happen in a handler
+        self.signals_handled = 0
+        self.handles_signals = False
         self.teardown_reason: str | None = None
         self.hard_stop_at: float | None = None
         self.give_up_at: float | None = None
@@ -114,13 +119,31 @@ class _Monitor:
 
     # -- the loop ---------------------------------------------------------------------------------------
 
+    def _on_signal(self, signum: int, frame: object) -> None:
+        # Only count: a handler runs between any two bytecodes of the main thread, maybe while it holds
+        # a lock (the event queue's, the console's), so it must neither take one nor raise.
+        self.signals_seen += 1
+
+    def _install_signal_handlers(self) -> dict[int, object]:
+        """SIGINT/SIGTERM become teardown requests the loop acts on, instead of a KeyboardInterrupt that
+        could land half-way through handling an event. Only the main thread may install handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.handles_signals = True
+        return previous
+
     def run(self) -> RunResult:
+        previous = self._install_signal_handlers()
         try:
             try:
                 self._start_all()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # only without our handlers (not the main thread)
                 self._interrupt()
             while not all(r.final for r in self.ranks.values()):
+                while self.signals_handled < self.signals_seen:
+                    self.signals_handled += 1
+                    self._interrupt()
                 try:
                     self._step()
                 except KeyboardInterrupt:
@@ -132,7 +155,11 @@ class _Monitor:
                     r.handle.hard_stop(r.pgid, r.shim_pid)
             raise
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)  # type: ignore[arg-type]
             self._close()
+        if self.signals_handled < self.signals_seen:
+            self.interrupted = True  # a signal in the very last moment still counts
         return self._result()
 
     def _step(self) -> None:
@@ -150,7 +177,7 @@ class _Monitor:
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
-        deadlines = [now + 1.0]
+        deadlines = [now + (SIGNAL_POLL_S if self.handles_signals else 1.0)]
         if self.heartbeat_ages is not None:
             deadlines.append(self.next_heartbeat_check)
         for at in (self.hard_stop_at, self.give_up_at):
