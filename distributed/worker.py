@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = (env.rank, env.world_size) if env else (0, 1)
         heartbeat = client = None
         if env is not None and env.world_size > 0 and os.environ.get("MACRUN_SECRET"):
+            from distributed.links import list_links
             from distributed.store import StoreClient, start_heartbeat
 
             client = StoreClient.from_env(env)
             heartbeat = start_heartbeat(client, env.rank)
+            # Where this rank can be reached, for the launcher and the other ranks (key: links/<rank>).
+            client.set_json(f"links/{env.rank}", {"host": socket.gethostname(),
+                                                  "links": [link.to_dict() for link in list_links()]})
         strategy, reason = choose_strategy(cfg, env, client)
         if rank == 0:
             print(f"strategy {strategy.name}: {reason}", flush=True)
