@@ -7,7 +7,6 @@ happens before any rank starts, and each fails with one HostError naming the hos
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import secrets
 import shlex
@@ -27,7 +26,7 @@ from distributed.links import Link
 from distributed.store import new_secret
 from distributed.store_server import StoreServer
 from distributed.topology import RingHost, plan_ring
-from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, ring_hostfile
+from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, linux_rank_env, ring_hostfile
 from launcher.hosts import HostSpec, layout_ranks
 from launcher.job import RankSpec, RunResult, run_ranks
 from launcher.preflight import HostFacts, Problem, check_hosts, probe_hosts, render_preflight, run_preflight
@@ -198,8 +197,8 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                 iface = _interface_of(facts[name], address[name])
                 if iface:  # torch's gloo binds where the hostname resolves (often 127.0.1.1 on Linux) otherwise
                     env["GLOO_SOCKET_IFNAME"] = iface
-                if facts[name].openblas and not os.environ.get("MACRUN_NO_OPENBLAS"):
-                    env["LD_PRELOAD"] = facts[name].openblas  # see distributed/probe.py: find_openblas
+                if facts[name].os_name == "Linux":
+                    env.update(linux_rank_env(facts[name].openblas))  # see distributed/probe.py: find_openblas
                 env.update(spec.env)
                 specs.append(RankSpec(rank=slot.rank, host_name=name, local_rank=slot.local_rank,
                                       argv=host_argv(spec.argv, slot.host.python), env=env, cwd=job_dir[name],
