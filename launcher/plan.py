@@ -232,6 +232,23 @@ def _relative(path: Path, cwd: Path) -> str:
         return str(path)
 
 
+def describe_traffic(cfg: Config, strategy: str, params: int, world_size: int) -> str:
+    """What each rank sends per synchronisation and over the whole run, for the strategy expected."""
+    from distributed.compress import ring_bytes, wire_bytes
+
+    if world_size <= 1 or strategy == "local":
+        return "none: one rank"
+    steps, h = cfg.train.steps, cfg.strategy.inner_steps
+    if strategy == "diloco":
+        per_sync = wire_bytes(params, world_size, cfg.strategy.exchange_dtype)
+        rounds = -(-steps // h)
+        return (f"each rank sends {format_bytes(per_sync)} per DiLoCo round ({cfg.strategy.exchange_dtype}, every "
+                f"{h} steps): {format_bytes(per_sync * rounds)} over {rounds} rounds")
+    per_step = ring_bytes(params * 4, world_size)
+    return (f"each rank sends {format_bytes(per_step)} of gradients per step: "
+            f"{format_bytes(per_step * steps)} over {steps:,} steps")
+
+
 def plan_rows(plan: WizardPlan, cwd: Path) -> list[tuple[str, str]]:
     """The plan as (label, text) rows, in the order a person reads it."""
     cfg, t = plan.config, plan.config.train
@@ -253,6 +270,7 @@ def plan_rows(plan: WizardPlan, cwd: Path) -> list[tuple[str, str]]:
         ("model", f"{plan.model.name}: {cfg.model.size} GPT, {format_count(plan.model.params)} parameters, "
                   f"about {format_bytes(plan.model.memory_per_rank)} per rank"),
         ("strategy", f"{strategy} ({why})"),
+        ("traffic", describe_traffic(cfg, strategy, plan.model.params, plan.world_size)),
         ("steps", f"{t.steps:,} steps × {plan.world_size} rank{'s' if plan.world_size != 1 else ''} × "
                   f"{t.batch_size} sequences × {cfg.data.seq_len} tokens = {tokens:,} tokens; "
                   "the run prints its ETA as it goes"),

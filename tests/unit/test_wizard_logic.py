@@ -220,8 +220,10 @@ def make_plan(tmp_path: Path, *, kept: int = 0, warnings: tuple[str, ...] = ()) 
 def test_plan_rows_say_what_will_happen(tmp_path: Path) -> None:
     plan = make_plan(tmp_path)
     rows = dict(plan_rows(plan, tmp_path))
-    assert list(rows) == ["machines", "links", "model", "strategy", "steps", "data", "checkpoints", "writes",
-                          "command"]
+    assert list(rows) == ["machines", "links", "model", "strategy", "traffic", "steps", "data", "checkpoints",
+                          "writes", "command"]
+    # DDP over 2 ranks: each sends 2(n-1)/n = 1x the float32 gradients per step.
+    assert rows["traffic"].startswith("each rank sends ") and "of gradients per step" in rows["traffic"]
     assert rows["machines"] == "a (192.168.1.10), b (192.168.1.11) → 2 ranks; rank 0 on a"
     assert rows["model"].startswith("quickstart: tiny GPT, 0.1")
     assert rows["strategy"].startswith("ddp (auto: decided when the ranks start")
