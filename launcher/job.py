@@ -111,6 +111,7 @@ class _Monitor:
         self.interrupted = False
         self.signals_seen = 0  # bumped by the signal handler; nothing else may happen in a handler
         self.signals_handled = 0
+        self.last_signal = signal.SIGINT
         self.handles_signals = False
         self.teardown_reason: str | None = None
         self.hard_stop_at: float | None = None
@@ -123,6 +124,7 @@ class _Monitor:
         # Only count: a handler runs between any two bytecodes of the main thread, maybe while it holds
         # a lock (the event queue's, the console's), so it must neither take one nor raise.
         self.signals_seen += 1
+        self.last_signal = signum
 
     def _install_signal_handlers(self) -> dict[int, object]:
         """SIGINT/SIGTERM become teardown requests the loop acts on, instead of a KeyboardInterrupt that
@@ -327,7 +329,8 @@ class _Monitor:
             if self.give_up_at is None:
                 self.hard_stop_at = time.monotonic()
             return
-        self._teardown("interrupted (Ctrl-C)")
+        self._teardown("interrupted (Ctrl-C)" if self.last_signal == signal.SIGINT
+                       else f"interrupted ({signal.Signals(self.last_signal).name})")
 
     def _teardown(self, reason: str) -> None:
         """Ask every running rank to stop; the hard stop follows after the grace period."""
