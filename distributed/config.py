@@ -157,6 +157,11 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         elif kind is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
         elif kind is str:
             if isinstance(value, str):
                 return value

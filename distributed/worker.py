@@ -84,6 +84,11 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None) -> tup
     from distributed.strategy import LocalStrategy
 
     if env is None or env.world_size == 1:
+        if cfg.strategy.mode == "diloco":  # asked for explicitly: the outer step alone (useful to compare)
+            from distributed.diloco import DiLoCoStrategy
+
+            return (DiLoCoStrategy.from_config(None, cfg.strategy, log=lambda m: print(m, flush=True)),
+                    "strategy.mode=diloco with one rank: the outer step only")
         return LocalStrategy(), "one rank: nothing to exchange"
     import mlx.core as mx
 

@@ -95,6 +95,14 @@ def test_overrides_beat_yaml_and_are_typed(tmp_path: Path) -> None:
     assert cfg.model.dims() == MODEL_SIZES["small"]
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    # YAML 1.1 reads 3e-3 as a string; users write it that way on the command line and in files.
+    assert load_config(None, ["train.lr=3e-3"]).train.lr == pytest.approx(3e-3)
+    assert load_config(_write(tmp_path, "train:\n  lr: 1e-3\n  min_lr: 1e-4\n")).train.min_lr == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=fast"])
+
+
 @pytest.mark.parametrize("text", ["train.steps", "steps=5", "a.b.c=1", ".steps=1"])
 def test_malformed_overrides(text: str) -> None:
     with pytest.raises(ConfigError):

@@ -40,3 +40,15 @@ def test_ddp_on_a_group_of_one_is_a_no_op() -> None:
     s.after_step(model, None, 1)
     assert s.bytes_sent == 0 and np.array_equal(np.array(model.weight), before)
     assert broadcast_parameters(model, None) == 0
+
+
+def test_one_rank_honours_an_explicit_diloco_mode() -> None:
+    from distributed.config import config_from_dict
+    from distributed.diloco import DiLoCoStrategy
+    from distributed.strategy import LocalStrategy
+    from distributed.worker import choose_strategy
+
+    strategy, reason = choose_strategy(config_from_dict({"strategy": {"mode": "diloco"}}), None)
+    assert isinstance(strategy, DiLoCoStrategy) and "one rank" in reason
+    strategy, reason = choose_strategy(config_from_dict({"strategy": {"mode": "auto"}}), None)
+    assert type(strategy) is LocalStrategy and reason == "one rank: nothing to exchange"
