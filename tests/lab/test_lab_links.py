@@ -52,7 +52,7 @@ print(json.dumps(found))
 # An unmodified MLX script (no macrun import): one large all_sum, with the bytes each of this host's
 # interfaces sent meanwhile, read from the kernel's counters in this host's network namespace.
 TRAFFIC = """
-import json, os, sys
+import json, os, sys, time
 import mlx.core as mx
 
 def sent():
@@ -69,7 +69,17 @@ mx.eval(mx.distributed.all_sum(mx.array([1.0])))  # the ring's connections are u
 before = sent()
 total = mx.distributed.all_sum(x)
 mx.eval(total)
-after = sent()
+# all_sum returns when this rank has its result; its own last chunks may still sit in the socket buffer or the
+# link's shaper queue. A second collective needs the neighbours' data, sent after theirs on the same streams;
+# then wait (bounded) until the counters stop moving.
+mx.eval(mx.distributed.all_sum(mx.ones((world * 1024,))))
+after, deadline = sent(), time.monotonic() + 2.0
+while time.monotonic() < deadline:
+    time.sleep(0.05)  # polling interval of the stability check, not a synchronisation
+    now = sent()
+    if now == after:
+        break
+    after = now
 with open(os.environ["MLX_HOSTFILE"]) as f:
     entry = json.load(f)[rank][0]
 print(json.dumps({"rank": rank, "world": world, "link": os.environ.get("MACRUN_LINK"), "entry": entry,
