@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from distributed.env import RankEnv
-from distributed.errors import MacrunError, UsageError
+from distributed.errors import MacrunError, UsageError, report
 from distributed.links import Link, hostfile_address, list_links, measure_ring, run_probe, serve_probe
 from distributed.store import StoreClient, start_heartbeat
 
@@ -379,10 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         heartbeat.set()
         return 0
     except MacrunError as exc:
-        print(f"error: {exc.message}", file=sys.stderr, flush=True)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr, flush=True)
-        return exc.exit_code
+        return report(exc)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,14 @@ class UsageError(MacrunError):
     """The command line itself is wrong (a bad option value, a missing command)."""
 
     exit_code = 2
+
+
+def report(exc: MacrunError) -> int:
+    """For rank-side entry points (`python -m distributed.worker`, `distributed.bench`): print the error and
+    hint the way the CLI does, to stderr, and return the exit code. Library code raises instead."""
+    import sys
+
+    print(f"error: {exc.message}", file=sys.stderr, flush=True)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr, flush=True)
+    return exc.exit_code

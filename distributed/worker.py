@@ -16,7 +16,7 @@ from typing import Any
 
 from distributed.config import Config, load_config
 from distributed.env import RankEnv
-from distributed.errors import MacrunError
+from distributed.errors import MacrunError, report
 from distributed.strategy import DDPStrategy, Strategy
 
 
@@ -142,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             client.close()
         return 0
     except MacrunError as exc:
-        print(f"error: {exc.message}", file=sys.stderr, flush=True)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr, flush=True)
-        return exc.exit_code
+        return report(exc)
 
 
 if __name__ == "__main__":
