@@ -363,21 +363,19 @@ def _candidate_keys(host: HostSpec, target: SSHTarget, tried: list[str],
                             hint=f"fix or remove \"identity_file\" for {host.name} in hosts.json")
         else:
             yield path, key
-    for path in target.identity_files:
-        if os.path.exists(path):
-            key, problem = _load_private_key(path)
-            if key is None:
-                tried.append(f"{path} ({problem})")
-            else:
-                yield path, key
+    yield from _existing_keys(target.identity_files, tried)
     if target.identities_only:
         return
     for key in agent_keys():
         yield "ssh-agent key", key
     if target.identity_files:
         return  # like OpenSSH: an explicit IdentityFile replaces the default key list
-    for name in DEFAULT_KEYS:
-        path = str(Path.home() / ".ssh" / name)
+    yield from _existing_keys([str(Path.home() / ".ssh" / name) for name in DEFAULT_KEYS], tried)
+
+
+def _existing_keys(paths: Sequence[str], tried: list[str]) -> Iterator[tuple[str, paramiko.PKey]]:
+    """The keys in those of `paths` that exist; unusable ones are noted in `tried` with the reason."""
+    for path in paths:
         if os.path.exists(path):
             key, problem = _load_private_key(path)
             if key is None:
