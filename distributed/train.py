@@ -22,7 +22,6 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 
 from distributed import __version__
 from distributed.checkpoint import flatten_tree, latest_checkpoint, save_checkpoint, unflatten_tree
@@ -224,9 +223,3 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
         metrics_file.close()
     return TrainResult(step=end, loss=last_loss, val_loss=val_loss, tokens=tokens, seconds=seconds,
                        tokens_per_s=tokens / max(seconds, 1e-9), checkpoint=ckpt_path, history=history)
-
-
-def weights_checksum(model: nn.Module) -> float:
-    """A cheap fingerprint of all weights, compared across ranks to prove they agree."""
-    leaves = [v for _, v in flatten_tree(model.parameters()).items()]
-    return float(sum(np.float64(mx.sum(v.astype(mx.float32)).item()) for v in leaves))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shlex
 import socket
 import sys
 import time
@@ -140,7 +139,3 @@ def _launch_local(spec: LaunchSpec, *, emit: Callable[[str], None],
         return run_ranks(specs, launchers={"localhost": launcher}, log_dir=spec.run_dir / "logs", emit=emit,
                          heartbeat_ages=store.heartbeat_ages, heartbeat_timeout=spec.heartbeat_timeout,
                          grace=spec.grace)
-
-
-def describe_command(argv: Sequence[str]) -> str:
-    return shlex.join(argv)
