@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import sys
 import time
@@ -25,36 +24,19 @@ from tests.integration.test_job import (
     stop_shim_then_open_gate,
     wait_gone,
 )
-from tests.support.sshd import SshdHandle, make_client_key, make_ssh_home, start_sshd
+from tests.support.sshd import SshdHandle, requires_openssh
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(60),
-    pytest.mark.skipif(shutil.which("ssh-keygen") is None or not Path("/usr/sbin/sshd").exists(),
-                       reason="needs OpenSSH (sshd, ssh-keygen)"),
+    requires_openssh,
 ]
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
-@pytest.fixture(scope="module")
-def client_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    return make_client_key(tmp_path_factory.mktemp("client"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, client_key: tuple[Path, str]) -> Iterator[SshdHandle]:
-    handle = start_sshd(tmp_path_factory.mktemp("sshd"), authorized_keys=[client_key[1]])
-    yield handle
-    handle.stop()
-
-
 @pytest.fixture
-def conn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: SshdHandle,
-         client_key: tuple[Path, str]) -> Iterator[ssh.SSHConnection]:
-    home = make_ssh_home(tmp_path / "home", client_key[0], [server.known_hosts_line()])
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+def conn(ssh_home: Path, server: SshdHandle) -> Iterator[ssh.SSHConnection]:
     connection = ssh.connect(HostSpec(name="loop", hostname=server.host, port=server.port), timeout=10)
     yield connection
     connection.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import io
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -22,32 +21,20 @@ from distributed.errors import HostError
 from launcher import preflight, ssh
 from launcher.hosts import HostSpec
 from launcher.preflight import HostFacts, InterfaceFacts
-from tests.support.sshd import SshdHandle, make_client_key, make_ssh_home, start_sshd
+from tests.support.sshd import SshdHandle, requires_openssh
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
 PLAIN_PYTHON = "/root/.pyenv/versions/3.11.7/bin/python3"  # a Python without MLX
 OLD_PYTHON = "/root/.pyenv/versions/3.9.18/bin/python3"  # macOS system Python's version
 
-needs_sshd = pytest.mark.skipif(shutil.which("ssh-keygen") is None or not Path("/usr/sbin/sshd").exists(),
-                                reason="needs OpenSSH (sshd, ssh-keygen)")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SshdHandle, Path]]:
-    key, pub = make_client_key(tmp_path_factory.mktemp("client"))
-    handle = start_sshd(tmp_path_factory.mktemp("sshd"), authorized_keys=[pub])
-    yield handle, key
-    handle.stop()
+needs_sshd = requires_openssh
 
 
 @pytest.fixture
-def connect(server: tuple[SshdHandle, Path], tmp_path: Path,
-            monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+def connect(server: SshdHandle, ssh_home: Path, tmp_path: Path) -> Iterator[object]:
     """connect(name, python) -> SSHConnection to the loopback sshd, HOME isolated; all closed after."""
-    handle, key = server
-    monkeypatch.setenv("HOME", str(make_ssh_home(tmp_path / "home", key, [handle.known_hosts_line()])))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    handle = server
     opened: list[ssh.SSHConnection] = []
 
     def open_one(name: str, python: str) -> ssh.SSHConnection:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,39 +15,18 @@ import pytest
 from distributed.errors import HostError
 from launcher import ssh
 from launcher.hosts import HostSpec
-from tests.support.sshd import SshdHandle, make_client_key, make_ssh_home, start_sshd
+from tests.integration.conftest import isolate_home
+from tests.support.sshd import SshdHandle, make_client_key, make_ssh_home, requires_openssh, start_sshd
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("ssh-keygen") is None or not Path("/usr/sbin/sshd").exists(),
-                       reason="needs OpenSSH (sshd, ssh-keygen)"),
+    requires_openssh,
 ]
 
 
-@pytest.fixture(scope="module")
-def client_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    return make_client_key(tmp_path_factory.mktemp("client"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, client_key: tuple[Path, str]) -> Iterator[SshdHandle]:
-    handle = start_sshd(tmp_path_factory.mktemp("sshd"), authorized_keys=[client_key[1]])
-    yield handle
-    handle.stop()
-
-
-def isolate_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # no agent: only the keys the test put there
-
-
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: SshdHandle,
-         client_key: tuple[Path, str]) -> Path:
-    """An isolated HOME with the client key and the server's key in known_hosts."""
-    h = make_ssh_home(tmp_path / "home", client_key[0], [server.known_hosts_line()])
-    isolate_home(monkeypatch, h)
-    return h
+def home(ssh_home: Path) -> Path:
+    return ssh_home
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -15,29 +14,16 @@ import pytest
 
 from launcher import ssh, sync
 from launcher.hosts import HostSpec
-from tests.support.sshd import SshdHandle, make_client_key, make_ssh_home, start_sshd
+from tests.support.sshd import SshdHandle, requires_openssh
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None or not Path("/usr/sbin/sshd").exists(),
-                                reason="needs OpenSSH (sshd, ssh-keygen)")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SshdHandle, Path]]:
-    key, pub = make_client_key(tmp_path_factory.mktemp("client"))
-    handle = start_sshd(tmp_path_factory.mktemp("sshd"), authorized_keys=[pub])
-    yield handle, key
-    handle.stop()
+pytestmark = requires_openssh
 
 
 @pytest.fixture
-def conn(server: tuple[SshdHandle, Path], tmp_path: Path,
-         monkeypatch: pytest.MonkeyPatch) -> Iterator[ssh.SSHConnection]:
-    handle, key = server
-    monkeypatch.setenv("HOME", str(make_ssh_home(tmp_path / "home", key, [handle.known_hosts_line()])))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    spec = HostSpec(name="loop", hostname=handle.host, port=handle.port, python=sys.executable)
+def conn(server: SshdHandle, ssh_home: Path) -> Iterator[ssh.SSHConnection]:
+    spec = HostSpec(name="loop", hostname=server.host, port=server.port, python=sys.executable)
     with ssh.connect(spec) as c:
         yield c
 
@@ -93,9 +79,9 @@ def test_exec_bit_travels(conn: ssh.SSHConnection, job: dict[str, Path], tmp_pat
 
 
 @pytest.mark.integration
-def test_sync_all_in_parallel(conn: ssh.SSHConnection, server: tuple[SshdHandle, Path],
+def test_sync_all_in_parallel(conn: ssh.SSHConnection, server: SshdHandle,
                               job: dict[str, Path], tmp_path: Path) -> None:
-    handle, _ = server
+    handle = server
     other = ssh.connect(HostSpec(name="loop2", hostname=handle.host, port=handle.port, python=sys.executable))
     try:
         dirs = {"loop": str(tmp_path / "a"), "loop2": str(tmp_path / "b")}

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 SSHD = "/usr/sbin/sshd"
+# Tests that start an sshd carry this marker: they skip, with one line, where OpenSSH is not installed.
+requires_openssh = pytest.mark.skipif(shutil.which("ssh-keygen") is None or not Path(SSHD).exists(),
+                                      reason="needs OpenSSH (sshd, ssh-keygen)")
 READY_DEADLINE_S = 10.0
 _CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
