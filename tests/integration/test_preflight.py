@@ -21,6 +21,7 @@ from distributed.errors import HostError
 from launcher import preflight, ssh
 from launcher.hosts import HostSpec
 from launcher.preflight import HostFacts, InterfaceFacts
+from tests.support.recorded import MAC_PORTS
 from tests.support.sshd import SshdHandle, requires_openssh
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,31 +204,6 @@ bridge0: flags=8863<UP,BROADCAST,SMART,RUNNING,SIMPLEX,MULTICAST> mtu 1500
 \tstatus: active
 """
 
-MAC_PORTS = """\
-
-Hardware Port: Ethernet
-Device: en5
-Ethernet Address: aa:bb:cc:dd:ee:01
-
-Hardware Port: Thunderbolt Bridge
-Device: bridge0
-Ethernet Address: 36:aa:bb:cc:dd:00
-
-Hardware Port: Wi-Fi
-Device: en0
-Ethernet Address: 3c:22:fb:00:11:22
-
-Hardware Port: Thunderbolt 1
-Device: en1
-Ethernet Address: 36:aa:bb:cc:dd:01
-
-Hardware Port: Thunderbolt 2
-Device: en2
-Ethernet Address: 36:aa:bb:cc:dd:02
-
-VLAN Configurations
-===================
-"""
 
 PMSET_BATTERY = ("Now drawing from 'Battery Power'\n"
                  " -InternalBattery-0 (id=23461987)\t76%; discharging; 5:12 remaining present: true\n")

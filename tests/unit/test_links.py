@@ -28,6 +28,7 @@ from distributed.links import (
 from distributed.probe import parse_ip_json
 from distributed.store import StoreClient, new_secret
 from distributed.store_server import StoreServer
+from tests.support.recorded import MAC_PORTS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -110,31 +111,6 @@ MAC_BRIDGE_LINK_LOCAL = MAC_BRIDGE_DOWN.replace(
 ).replace("\tmedia: autoselect <full-duplex>\n\tstatus: inactive\nen2", "\tmedia: autoselect <full-duplex>\n"
           "\tstatus: active\nen2")
 
-MAC_PORTS = """\
-
-Hardware Port: Ethernet
-Device: en5
-Ethernet Address: aa:bb:cc:dd:ee:01
-
-Hardware Port: Thunderbolt Bridge
-Device: bridge0
-Ethernet Address: 36:aa:bb:cc:dd:00
-
-Hardware Port: Wi-Fi
-Device: en0
-Ethernet Address: 3c:22:fb:00:11:22
-
-Hardware Port: Thunderbolt 1
-Device: en1
-Ethernet Address: 36:aa:bb:cc:dd:01
-
-Hardware Port: Thunderbolt 2
-Device: en2
-Ethernet Address: 36:aa:bb:cc:dd:02
-
-VLAN Configurations
-===================
-"""
 
 
 def by_name(links: list[Link]) -> dict[str, Link]:
