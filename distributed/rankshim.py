@@ -21,6 +21,12 @@ own, except one error line when the program cannot be started (exit 127) and, wh
 one line `<token> pgid=<program's group> shim=<own pid>` on stderr that the launcher strips from the
 rank's output: with it the launcher can kill the group and the shim should the shim ever hang.
 
+On macOS the program runs under `caffeinate -i -s -w <program's pid>`: a Mac that idles into sleep
+mid-run drops off the network and its peers time out. caffeinate ends with the program (-w) and is
+stopped by the shim too; when it is missing or fails, the rank runs anyway. MACRUN_CAFFEINATE=1 (in the
+shim's environment or the request's `env`) forces it on, as tests do with a fake caffeinate on PATH;
+=0 turns it off; unset, it is on for macOS only.
+
 Standard library only, Python 3.9+: it runs on every host, whatever Python that host has.
 """
 
@@ -37,6 +43,7 @@ from typing import Any
 
 EXIT_CANNOT_START = 127
 EXIT_BAD_REQUEST = 2
+KEEP_AWAKE_ENV = "MACRUN_CAFFEINATE"  # "1": always, "0": never, unset: on macOS only
 
 
 class _Stopper:
@@ -182,6 +189,42 @@ def _read_request(reader: _LineReader) -> dict[str, Any]:
     return request
 
 
+def _keep_awake_argv(platform: str, pid: int, setting: str | None = None) -> list[str] | None:
+    """The `caffeinate` command that keeps this machine awake while `pid` lives, or None where not wanted.
+
+    -i prevents idle sleep, -s system sleep (macOS honours it on AC power only), -w ends it with `pid`.
+    `setting` is MACRUN_CAFFEINATE's value: "1" forces it, "0" turns it off, anything else: macOS only.
+    """
+    wanted = {"1": True, "0": False}.get((setting or "").strip(), platform == "darwin")
+    return ["caffeinate", "-i", "-s", "-w", str(pid)] if wanted else None
+
+
+def _start_keep_awake(argv: list[str] | None) -> subprocess.Popen | None:
+    """Start caffeinate, silently: a Mac without it (or a failed start) must not fail the rank."""
+    if argv is None:
+        return None
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, close_fds=True)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def _stop_keep_awake(proc: subprocess.Popen | None) -> None:
+    """Stop caffeinate if -w has not already ended it, and reap it: it must not outlive the rank."""
+    if proc is None:
+        return
+    try:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except OSError:
+        pass
+
+
 def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
@@ -227,10 +270,12 @@ def main() -> int:
     if isinstance(report, str) and report:
         sys.stderr.write(f"{report} pgid={child.pid} shim={os.getpid()}\n")
         sys.stderr.flush()
+    keep_awake = _start_keep_awake(_keep_awake_argv(sys.platform, child.pid, env.get(KEEP_AWAKE_ENV)))
     threading.Thread(target=_watch_stdin, args=(reader, stopper), name="rankshim-stdin", daemon=True).start()
 
     returncode = child.wait()
     exited.set()
+    _stop_keep_awake(keep_awake)
     # The program is gone; anything it left in its group (background helpers, data loaders) goes too.
     # POSIX keeps a process group id from being reused while the group has members, so this is safe.
     if _group_alive(child.pid):

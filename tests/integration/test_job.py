@@ -269,6 +269,62 @@ def test_shim_that_cannot_start_fails_its_rank_and_stops_the_rest(tmp_path: Path
     assert wait_gone(emit.every_pid(), time.monotonic() + 5.0) == []
 
 
+# ---- caffeinate: the shim keeps the machine awake while its rank lives ----------------------------------
+
+# Stands in for macOS's caffeinate: records its pid and argv (atomically), then ignores -w and stays, so
+# only the shim itself can be what stops it.
+FAKE_CAFFEINATE = """#!/bin/sh
+echo "$$ $*" > "$CAFFEINATE_RECORD.tmp" && mv "$CAFFEINATE_RECORD.tmp" "$CAFFEINATE_RECORD"
+exec sleep 600
+"""
+# A rank that prints its pid, waits (bounded) until caffeinate has started, then fails with 3.
+WAIT_FOR_CAFFEINATE = """
+import os, sys, time
+print(os.getpid(), flush=True)
+deadline = time.monotonic() + 20
+while sys.argv[1] and not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+    time.sleep(0.02)
+sys.exit(3)
+"""
+
+
+def run_shim(tmp_path: Path, env: dict[str, str], record: str = "") -> tuple[int, str]:
+    """Run one rank through `python -m distributed.rankshim` directly; its exit code and stdout."""
+    request = {"argv": [PY, "-c", WAIT_FOR_CAFFEINATE, record], "env": {}, "cwd": str(tmp_path), "grace": 1.0}
+    shim = subprocess.Popen([PY, "-u", "-m", "distributed.rankshim"], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert shim.stdin is not None and shim.stdout is not None
+    shim.stdin.write((json.dumps(request) + "\n").encode())
+    shim.stdin.flush()  # stdin stays open: EOF would tell the shim to stop the rank
+    out = shim.stdout.read().decode()
+    code = shim.wait(timeout=30)
+    shim.stdin.close()
+    return code, out
+
+
+def test_rank_runs_under_caffeinate_that_ends_with_it(tmp_path: Path) -> None:
+    bin_dir, record = tmp_path / "bin", tmp_path / "caffeinate.txt"
+    bin_dir.mkdir()
+    (bin_dir / "caffeinate").write_text(FAKE_CAFFEINATE)
+    (bin_dir / "caffeinate").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "MACRUN_CAFFEINATE": "1",
+           "CAFFEINATE_RECORD": str(record)}
+    code, out = run_shim(tmp_path, env, str(record))
+
+    assert code == 3  # the rank's own exit code, caffeinate or not
+    program = int(out.split()[0])
+    caffeinate, argv = record.read_text().split(" ", 1)
+    assert argv.split() == ["-i", "-s", "-w", str(program)]
+    assert wait_gone([int(caffeinate)], time.monotonic() + 5.0) == []
+
+
+def test_rank_runs_without_caffeinate_when_it_is_missing(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "PATH": str(tmp_path / "empty"), "MACRUN_CAFFEINATE": "1"}
+    code, out = run_shim(tmp_path, env)
+    assert code == 3 and out.strip().isdigit()
+
+
 def test_heartbeat_loss_marks_the_rank_lost(tmp_path: Path) -> None:
     emit = Collector()
     calls: list[dict[int, float]] = []
