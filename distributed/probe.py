@@ -22,6 +22,7 @@ import sys
 from typing import Any
 
 CMD_TIMEOUT_S = 5.0
+BATTERY_TIMEOUT_S = 2.0  # pmset answers in milliseconds; a hung one must not hold up a rank
 _MLX_CHECK = (
     "import json, mlx.core as mx\n"
     "print(json.dumps({'version': getattr(mx, '__version__', None), 'device': str(mx.default_device())}))"
@@ -108,12 +109,48 @@ def parse_ip_json(text: str) -> dict[str, Interface]:
     return found
 
 
+# What `pmset -g batt` says after the percentage. "AC attached; not charging" is usually optimised
+# charging holding at 80%; "finishing charge" is the last minutes before "charged".
+BATTERY_STATES = ("not charging", "finishing charge", "discharging", "charging", "charged")
+_PMSET_BATTERY = re.compile(r"InternalBattery[^\t\n]*\t\s*(\d+)%([^\n]*)")
+_PMSET_STATE = re.compile(r"\s*(" + "|".join(BATTERY_STATES) + r")\b")
+
+
 def parse_pmset(text: str) -> dict[str, Any] | None:
-    """Parse `pmset -g batt`: {"percent", "on_ac"}, or None for a Mac without a battery."""
-    match = re.search(r"InternalBattery[^\t]*\t\s*(\d+)%", text)
+    """Parse `pmset -g batt`: {"percent", "on_ac", "state"}, or None for a Mac without a battery.
+
+    `state` is one of BATTERY_STATES, or None when macOS words it some other way. Text that is not
+    pmset's (empty, an error message) is None too: this runs on every host and must never raise.
+    """
+    match = _PMSET_BATTERY.search(text or "")
     if not match:
         return None
-    return {"percent": int(match.group(1)), "on_ac": "'AC Power'" in text}
+    state = None
+    for field in match.group(2).split(";"):
+        word = _PMSET_STATE.match(field)
+        if word:
+            state = word.group(1)
+            break
+    return {"percent": int(match.group(1)), "on_ac": "'AC Power'" in text, "state": state}
+
+
+def battery_problem(battery: dict[str, Any] | None, min_percent: float) -> str | None:
+    """Why this host should not train now: on battery below `min_percent`, else None.
+
+    None on AC, without a battery, or when `min_percent` is 0 (the user allowed it). The words name
+    the setting, `fault.min_battery`, so the reason says what to change.
+    """
+    if not battery or min_percent <= 0 or battery.get("on_ac") is not False:
+        return None
+    percent = battery.get("percent")
+    if not isinstance(percent, (int, float)) or percent >= min_percent:
+        return None
+    return f"on battery at {percent:g}% (below fault.min_battery {min_percent:g}%)"
+
+
+# Linux's /sys/class/power_supply/*/status words for the same states as pmset's.
+_SYSFS_STATES = {"Charging": "charging", "Discharging": "discharging", "Full": "charged",
+                 "Not charging": "not charging"}
 
 
 def parse_power_supply(entries: dict[str, dict[str, str]]) -> dict[str, Any] | None:
@@ -126,7 +163,8 @@ def parse_power_supply(entries: dict[str, dict[str, str]]) -> dict[str, Any] | N
         on_ac = any(e.get("online") == "1" for e in mains)
     else:
         on_ac = all(e.get("status") != "Discharging" for e in batteries)
-    return {"percent": int(batteries[0]["capacity"]), "on_ac": on_ac}
+    return {"percent": int(batteries[0]["capacity"]), "on_ac": on_ac,
+            "state": _SYSFS_STATES.get(batteries[0].get("status", ""))}
 
 
 def parse_meminfo(text: str) -> int:
@@ -160,10 +198,10 @@ def nearest_existing(path: str) -> str:
 
 # ---- collectors (run commands, read files) -------------------------------------------------------
 
-def _run(argv: list[str]) -> str:
+def _run(argv: list[str], timeout: float = CMD_TIMEOUT_S) -> str:
     try:
         done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              timeout=CMD_TIMEOUT_S, check=False)
+                              timeout=timeout, check=False)
     except (OSError, subprocess.SubprocessError):
         return ""
     return done.stdout.decode("utf-8", "replace")
@@ -228,7 +266,21 @@ def _interfaces_from_socket() -> dict[str, Interface]:
     return found
 
 
+def read_battery() -> dict[str, Any] | None:
+    """This Mac's battery now (`pmset -g batt`, parsed), or None: not macOS, no battery, or any error.
+
+    Cheap and bounded (BATTERY_TIMEOUT_S), so a running rank can ask between steps.
+    """
+    if sys.platform != "darwin":
+        return None
+    try:
+        return parse_pmset(_run(["pmset", "-g", "batt"], timeout=BATTERY_TIMEOUT_S))
+    except Exception:  # a battery reading must never be why a host fails
+        return None
+
+
 def collect_battery(system: str) -> dict[str, Any] | None:
+    """This host's battery for the probe: pmset on macOS, /sys/class/power_supply on Linux."""
     if system == "Darwin":
         return parse_pmset(_run(["pmset", "-g", "batt"]))
     root = "/sys/class/power_supply"

@@ -2,7 +2,8 @@
 
 Each host runs `distributed/probe.py` from stdin with its configured Python, so the probe also proves
 that interpreter exists and reports what it can import. Problems that would make the run fail later
-(MLX missing, MLX versions that differ, Python too old) become errors now, before any rank starts.
+(MLX missing, MLX versions that differ, Python too old, a Mac on battery below `fault.min_battery`)
+become errors now, before any rank starts.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from distributed.errors import HostError
+from distributed.probe import battery_problem
 from launcher.ssh import SSHConnection, shell_quote
 
 PROBE_SCRIPT = Path(__file__).resolve().parent.parent / "distributed" / "probe.py"
 PROBE_TIMEOUT_S = 90.0  # a cold `import mlx.core` on a Mac that just woke up can take a while
 MIN_PYTHON = (3, 10)
 LOW_DISK_BYTES = 5 * 2**30
-LOW_BATTERY_PERCENT = 30
+LOW_BATTERY_PERCENT = 30  # on battery below this (but above min_battery): the warning says "low"
+MIN_BATTERY_PERCENT = 20.0  # fault.min_battery's default: a Mac on battery below it does not start
 GIB = 2**30
 
 
@@ -71,6 +74,7 @@ class HostFacts:
     interfaces: tuple[InterfaceFacts, ...]
     probe_seconds: float  # wall time of the probe command, seen from here
     openblas: str | None = None  # Linux hosts: an OpenBLAS the launcher preloads for MLX
+    battery_state: str | None = None  # "charging", "discharging", "charged", "not charging", ...; None: unknown
 
     @property
     def python_tuple(self) -> tuple[int, ...]:
@@ -107,6 +111,7 @@ class HostFacts:
                                tuple(i.get("members", ())), bool(i.get("up", True)))
                 for i in data.get("interfaces", ())),
             probe_seconds=seconds, openblas=data.get("openblas") or None,
+            battery_state=battery.get("state") if battery else None,
         )
 
 
@@ -176,11 +181,14 @@ def _install_hint(f: HostFacts, version: str | None) -> str:
             f"or set \"python\" for {f.name} in hosts.json to an interpreter that has it")
 
 
-def check_hosts(facts: Mapping[str, HostFacts], *, local_mlx: str | None = None) -> list[Problem]:
-    """Find what would break the run: errors first (MLX missing, versions differ, old Python), then warnings.
+def check_hosts(facts: Mapping[str, HostFacts], *, local_mlx: str | None = None,
+                min_battery: float = MIN_BATTERY_PERCENT) -> list[Problem]:
+    """Find what would break the run: errors first, then warnings (low disk, on battery above `min_battery`).
 
+    Errors: MLX missing, Python too old, a Mac on battery below `min_battery`, MLX versions that differ.
     `local_mlx` (this machine's MLX version, if any) is the version suggested when hosts disagree and it
-    is one of theirs; otherwise the most common version among the hosts is suggested.
+    is one of theirs; otherwise the most common version among the hosts is suggested. `min_battery`
+    (fault.min_battery, percent; 0 allows any) refuses a Mac on battery below it: it would die mid-run.
     """
     errors: list[Problem] = []
     warnings: list[Problem] = []
@@ -199,6 +207,13 @@ def check_hosts(facts: Mapping[str, HostFacts], *, local_mlx: str | None = None)
                                   f"macrun needs {'.'.join(map(str, MIN_PYTHON))} or newer",
                                   f"install a newer Python there (e.g. `brew install python@3.12`) and set "
                                   f"\"python\" for {name} in hosts.json"))
+    refused: set[str] = set()  # on battery below min_battery: an error, so no warning as well
+    for name, f in facts.items():
+        reason = battery_problem({"percent": f.battery_percent, "on_ac": f.on_ac}, min_battery)
+        if reason:
+            refused.add(name)
+            errors.append(Problem(name, "error", f"{name} is {reason}",
+                                  f"plug {name} in, or allow it with --set fault.min_battery=0"))
     if len(counts) > 1:
         listing = ", ".join(f"{n} {v}" for n, v in sorted(versions.items()))
         errors.append(Problem("*", "error", f"MLX versions differ between hosts: {listing}",
@@ -210,7 +225,7 @@ def check_hosts(facts: Mapping[str, HostFacts], *, local_mlx: str | None = None)
                                     f"{name} has only {f.disk_free_bytes / GIB:.1f} GiB free at "
                                     f"{f.disk_path}",
                                     "free some space there: checkpoints and data are written below it"))
-        if f.on_ac is False:
+        if f.on_ac is False and name not in refused:
             low = f.battery_percent is not None and f.battery_percent < LOW_BATTERY_PERCENT
             warnings.append(Problem(name, "warning",
                                     f"{name} is on battery ({f.battery_percent}%)" + (", low" if low else ""),
@@ -265,9 +280,10 @@ def render_preflight(facts: Mapping[str, HostFacts], problems: Sequence[Problem]
 
 
 def run_preflight(conns: Sequence[SSHConnection], *, workdir_by_host: Mapping[str, str] | None = None,
-                  local_mlx: str | None = None) -> tuple[dict[str, HostFacts], list[Problem]]:
+                  local_mlx: str | None = None,
+                  min_battery: float = MIN_BATTERY_PERCENT) -> tuple[dict[str, HostFacts], list[Problem]]:
     """Probe, check and raise for errors in one call; return the facts and the remaining warnings."""
     facts = probe_hosts(conns, workdir_by_host)
-    problems = check_hosts(facts, local_mlx=local_mlx)
+    problems = check_hosts(facts, local_mlx=local_mlx, min_battery=min_battery)
     raise_for_problems(problems)
     return facts, problems

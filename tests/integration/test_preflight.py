@@ -164,6 +164,33 @@ def test_battery_and_low_disk_are_warnings_only() -> None:
     preflight.raise_for_problems(problems)  # warnings do not stop a launch
 
 
+def test_on_battery_below_min_battery_stops_the_launch() -> None:
+    facts = {"air": make_facts("air", battery_percent=12, on_ac=False),
+             "pro": make_facts("pro", battery_percent=25, on_ac=False)}
+    problems = preflight.check_hosts(facts, local_mlx="0.25.2")
+    assert [(p.host, p.severity, p.message) for p in problems] == [
+        ("air", "error", "air is on battery at 12% (below fault.min_battery 20%)"),
+        ("pro", "warning", "pro is on battery (25%), low")]  # above the minimum: a warning, as before
+    assert problems[0].hint == "plug air in, or allow it with --set fault.min_battery=0"
+    with pytest.raises(HostError, match=r"^air is on battery at 12%") as err:
+        preflight.raise_for_problems(problems)
+    assert err.value.hint == problems[0].hint
+    stricter = preflight.check_hosts(facts, local_mlx="0.25.2", min_battery=50)
+    assert [p.severity for p in stricter] == ["error", "error"]
+    allowed = preflight.check_hosts(facts, local_mlx="0.25.2", min_battery=0)
+    assert [p.severity for p in allowed] == ["warning", "warning"]  # --set fault.min_battery=0
+
+
+def test_battery_state_travels_from_the_probe() -> None:
+    data = {"hostname": "air.local", "python_version": "3.12.4", "python_executable": "/usr/bin/python3",
+            "os_name": "Darwin", "os_version": "15.1", "machine": "arm64", "chip": "Apple M3",
+            "memory_bytes": 2**34, "cpu_count": 8, "disk_path": "/", "disk_free_bytes": 2**40,
+            "battery": probe.parse_pmset(PMSET_BATTERY), "mlx": {"version": "0.25.2"}}
+    facts = HostFacts.from_probe("air", data, 0.1)
+    assert (facts.battery_percent, facts.on_ac, facts.battery_state) == (76, False, "discharging")
+    assert HostFacts.from_probe("studio", {**data, "battery": None}, 0.1).battery_state is None
+
+
 def test_render_preflight_table() -> None:
     facts = {"studio": make_facts("studio"),
              "air": make_facts("air", battery_percent=55, on_ac=False, mlx_version=None, mlx_error="x")}
@@ -238,8 +265,8 @@ def test_parse_macos_ifconfig_and_thunderbolt_bridge() -> None:
 
 
 def test_parse_pmset() -> None:
-    assert probe.parse_pmset(PMSET_BATTERY) == {"percent": 76, "on_ac": False}
-    assert probe.parse_pmset(PMSET_AC) == {"percent": 100, "on_ac": True}
+    assert probe.parse_pmset(PMSET_BATTERY) == {"percent": 76, "on_ac": False, "state": "discharging"}
+    assert probe.parse_pmset(PMSET_AC) == {"percent": 100, "on_ac": True, "state": "charged"}
     assert probe.parse_pmset(PMSET_DESKTOP) is None
 
 
@@ -254,7 +281,7 @@ def test_parse_linux_outputs() -> None:
         "Debian GNU/Linux 12 (bookworm)"
     laptop = {"BAT0": {"type": "Battery", "capacity": "41", "status": "Discharging"},
               "AC": {"type": "Mains", "online": "0"}}
-    assert probe.parse_power_supply(laptop) == {"percent": 41, "on_ac": False}
+    assert probe.parse_power_supply(laptop) == {"percent": 41, "on_ac": False, "state": "discharging"}
     assert probe.parse_power_supply({"AC": {"type": "Mains", "online": "1"}}) is None
 
 

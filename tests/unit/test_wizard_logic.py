@@ -280,11 +280,14 @@ def test_unknown_key_fingerprint_reads_the_ssh_modules_own_message(tmp_home: Pat
 
 def test_judge_sorts_hosts_into_ok_not_ready_and_group_problems() -> None:
     f = {"a": facts("a"), "b": facts("b", mlx_version=None, mlx_error="No module named 'mlx'"),
-         "c": facts("c", on_ac=False, battery_percent=12)}
+         "c": facts("c", on_ac=False, battery_percent=24), "e": facts("e", on_ac=False, battery_percent=12)}
     checks, group = judge(f)
-    assert [checks[n].state for n in "abc"] == [CheckState.OK, CheckState.NOT_READY, CheckState.OK]
+    assert [checks[n].state for n in "abce"] == [CheckState.OK, CheckState.NOT_READY, CheckState.OK,
+                                                 CheckState.NOT_READY]
     assert "MLX does not import on b" in checks["b"].reason and "pip install" in (checks["b"].hint or "")
-    assert checks["c"].warnings == ("c is on battery (12%), low",) and checks["c"].usable
+    assert checks["c"].warnings == ("c is on battery (24%), low",) and checks["c"].usable
+    # Below fault.min_battery (20%) the wizard refuses the Mac, as the launch would.
+    assert checks["e"].reason == "e is on battery at 12% (below fault.min_battery 20%)" and not checks["e"].usable
     assert group == []
     _, group = judge({"a": facts("a"), "d": facts("d", mlx_version="0.26.0")})
     assert len(group) == 1 and "MLX versions differ" in group[0].message
