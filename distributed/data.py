@@ -342,16 +342,25 @@ class BatchSampler:
     `default_rng((seed, e))` of all windows; the epochs, one after another, form a stream. Global step s
     takes the next batch_size * world_size windows of that stream and rank r its own contiguous
     batch_size of them, so ranks never share a window within an epoch and `batch(s)` depends on s only.
+
+    A run that resumes with another world size (a restart after losing a host) continues the same stream
+    where the last checkpoint left it: `start_step` and `start_position` (windows of the stream consumed
+    before that step, see `position`) re-base the arithmetic, so no window is skipped or repeated within an
+    epoch because the world changed.
     """
 
     def __init__(self, path: Path, seq_len: int, batch_size: int, rank: int, world_size: int,
-                 seed: int) -> None:
+                 seed: int, *, start_step: int = 0, start_position: int | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or seq_len < 1:
             raise ValueError("batch_size and seq_len must be positive")
+        if start_step < 0 or (start_position is not None and start_position < 0):
+            raise ValueError("start_step and start_position must be >= 0")
         self.path, self.seq_len, self.batch_size = Path(path), seq_len, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.start_step = start_step
+        self.start_position = start_step * batch_size * world_size if start_position is None else start_position
         self._windows = _windows(self.path, seq_len)
         self._perms: dict[int, np.ndarray] = {}
 
@@ -371,11 +380,15 @@ class BatchSampler:
             self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.num_windows)
         return self._perms[epoch]
 
+    def position(self, step: int) -> int:
+        """Windows of the stream consumed by every rank together before global `step` (0-based)."""
+        return self.start_position + (step - self.start_step) * self.batch_size * self.world_size
+
     def window_ids(self, step: int) -> np.ndarray:
         """The window indices this rank uses at global `step`."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        start = (step * self.world_size + self.rank) * self.batch_size
+        if step < self.start_step:
+            raise ValueError(f"step must be >= {self.start_step}, got {step}")
+        start = self.position(step) + self.rank * self.batch_size
         stream = np.arange(start, start + self.batch_size, dtype=np.int64)
         epochs, positions = np.divmod(stream, self.num_windows)
         ids = np.empty(self.batch_size, dtype=np.int64)

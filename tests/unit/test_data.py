@@ -280,3 +280,29 @@ def test_val_batches_fixed_and_spread(tmp_path: Path) -> None:
     data = np.frombuffer(path.read_bytes(), dtype=np.uint8)
     # The first and last windows are included: the set spans the whole file.
     assert starts[0] == data[0] and starts[-1] == data[99 * 17]
+
+
+@pytest.mark.parametrize("worlds", [(4, 3), (3, 2, 4), (2, 1)])
+def test_a_world_that_changes_mid_epoch_neither_skips_nor_repeats_a_window(tmp_path: Path,
+                                                                          worlds: tuple[int, ...]) -> None:
+    # A restart after losing (or regaining) hosts resumes at the checkpoint's step with another world size:
+    # the samplers re-based on the checkpoint's stream position continue the same stream.
+    seq_len, batch, n_windows = 7, 2, 96
+    path = _write_tokens(tmp_path / "t.bin", n_windows * (seq_len + 1))
+    seen: list[np.ndarray] = []
+    step, position = 0, 0
+    for world in worlds:
+        samplers = [BatchSampler(path, seq_len, batch, r, world, seed=3, start_step=step, start_position=position)
+                    for r in range(world)]
+        for s in range(step, step + 5):
+            seen += [x.window_ids(s) for x in samplers]
+        step, position = step + 5, samplers[0].position(step + 5)
+    ids = np.concatenate(seen)
+    assert position == len(ids) < n_windows  # still within the first epoch
+    assert len(set(ids.tolist())) == len(ids)  # nothing repeated
+    # ...and nothing skipped: exactly the first `position` windows of epoch 0's order.
+    one_rank = BatchSampler(path, seq_len, 1, 0, 1, seed=3)
+    assert sorted(ids.tolist()) == sorted(np.concatenate([one_rank.window_ids(i) for i in range(position)]).tolist())
+    # Without re-basing, a step count from the old world would land elsewhere in the stream.
+    naive = BatchSampler(path, seq_len, batch, 0, worlds[1], seed=3)
+    assert naive.position(5) != 5 * batch * worlds[0]
