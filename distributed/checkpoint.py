@@ -278,3 +278,58 @@ def latest_checkpoint(ckpt_root: Path) -> tuple[Checkpoint | None, list[str]]:
             skipped.append((path.name, str(exc)))
     fallback = f"using {found.path.name}" if found else "no valid checkpoint left"
     return found, [f"{name}: {reason}; {fallback}" for name, reason in skipped]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming with another world, and per-rank state
+
+
+def stream_position(meta: dict, step: int, batch_size: int) -> int:
+    """Windows of the data stream consumed before `step`, as recorded in a checkpoint's meta.
+
+    Checkpoints written before the position was recorded are taken to have run with their own world
+    size throughout (step x batch x world), which is what their sampler did.
+    """
+    recorded = meta.get("stream_position")
+    if isinstance(recorded, int) and recorded >= 0:
+        return recorded
+    world = meta.get("world_size")
+    return step * batch_size * (world if isinstance(world, int) and world > 0 else 1)
+
+
+RANK_STATE_DIR = "rank_state"
+
+
+def _rank_state_file(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / RANK_STATE_DIR / f"rank-{rank}{SUFFIX}"
+
+
+def save_rank_state(run_dir: Path, rank: int, step: int, state: Any) -> Path:
+    """Keep this rank's own optimizer state (DiLoCo's inner AdamW moments differ per rank) beside the run,
+    on the rank's own host: one file per rank, replaced atomically at every checkpoint."""
+    final = _rank_state_file(run_dir, rank)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}{SUFFIX}")
+        mx.save_safetensors(str(tmp), flatten_tree(state), metadata={"step": str(step), "rank": str(rank)})
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot write rank {rank}'s optimizer state to {final}: {exc}",
+                              hint="check free disk space and permissions of the run folder") from None
+    return final
+
+
+def load_rank_state(run_dir: Path, rank: int, step: int, like: Any) -> Any | None:
+    """This rank's own optimizer state saved at `step`, if it is there, readable and shaped like `like`;
+    otherwise None (the caller keeps the state it has)."""
+    path = _rank_state_file(run_dir, rank)
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)  # type: ignore[misc]
+    except (OSError, RuntimeError, ValueError):
+        return None
+    expected = flatten_tree(like)
+    if meta.get("step") != str(step) or set(arrays) != set(expected) or any(
+            arrays[k].shape != expected[k].shape for k in expected):
+        return None
+    return unflatten_tree({k: arrays[k] for k in sorted(arrays)})
+

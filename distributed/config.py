@@ -104,6 +104,28 @@ class StrategyConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class FaultConfig:
+    max_restarts: int = _f(3, "Restarts after a failure (a rank crashed, a host was lost, the run stuck) before "
+                           "macrun gives up; each resumes from the last checkpoint on the hosts still there. "
+                           "0: stop at the first failure.", min=0)
+    min_hosts: int = _f(1, "Fewest hosts to go on with after losing some; below it the run stops, keeps its "
+                        "checkpoint and prints the command that resumes.", min=1)
+    heartbeat_timeout: float = _f(10.0, "Seconds without a heartbeat (sent every 2 s) before a rank's host "
+                                  "counts as dead: frozen, asleep, partitioned.", gt=0.0)
+    progress_timeout: float = _f(0.0, "Seconds without any rank finishing a step before the run counts as "
+                                 "stuck (a collective that never completes). 0: max(60 s, 20 median steps).",
+                                 min=0.0)
+    launcher_timeout: float = _f(30.0, "A rank that cannot reach the launcher for this long ends itself, so a "
+                                 "partitioned Mac holds no job processes once it is back.", gt=0.0)
+    rejoin: bool = _f(False, "Probe dropped hosts in the background and take one back at the next checkpoint "
+                      "(otherwise only at the next restart).")
+    min_battery: float = _f(20.0, "A Mac running on battery below this percentage is refused at preflight and "
+                            "dropped during a run (0: never).", min=0.0, max=100.0)
+    sync_checkpoints: bool = _f(True, "DiLoCo: checkpoint after every outer round, so a restart redoes at most "
+                                "one round.")
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run identity and output."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model."})
@@ -111,6 +133,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "The training loop."})
     strategy: StrategyConfig = field(default_factory=StrategyConfig,
                                      metadata={"help": "How ranks cooperate."})
+    fault: FaultConfig = field(default_factory=FaultConfig,
+                               metadata={"help": "Surviving failures: restarts, timeouts, power."})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,7 +292,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{p}: not valid YAML{where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections "
-                              f"(run, model, data, train, strategy)")
+                              f"(run, model, data, train, strategy, fault)")
     try:
         return config_from_dict(data, overrides)
     except ConfigError as exc:

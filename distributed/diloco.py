@@ -10,12 +10,13 @@ arXiv:2311.08105, Algorithm 1. Per round t, with global parameters theta (identi
 
 The exchange is the only communication: one collective every H steps instead of one every step. The outer
 state (theta and the momentum buffer) is replicated: every rank applies the same update to the same
-numbers, so it needs no second broadcast. Wire formats (float32, bf16/fp16, block int8) are in
+numbers, so it needs no second broadcast. Each round boundary is also where the ranks agree to stop
+(a 4-byte vote), so a graceful stop always lands on a synced state. Wire formats (float32, bf16/fp16, block int8) are in
 `distributed.compress`.
 
 Checkpoints hold the outer state and the round counter (group "diloco"); a resumed run restarts the
-current round from theta. Gap: only rank 0 writes checkpoints, so on resume every rank's inner AdamW
-state is rank 0's (the "optimizer" group), not its own.
+current round from theta. Each rank keeps its own inner AdamW state beside the checkpoint (see
+distributed.train) and takes it back on resume.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from distributed.compress import EXCHANGE_DTYPES, ring_bytes, sum_valid, wire_bytes
 from distributed.config import StrategyConfig
 from distributed.errors import CheckpointError, TrainingError
+from distributed.progress import PROGRESS
 from distributed.strategy import Strategy, broadcast_parameters
 
 GROUP = "diloco"  # checkpoint group: "round", "params.<name>", "momentum.<name>"
@@ -129,15 +131,32 @@ class DiLoCoStrategy(Strategy):
             self.bytes_sent += ring_bytes(self.params.nbytes, world_size)
         mx.eval(self.params, self.momentum)
 
-    def after_step(self, model: nn.Module, optimizer: Any, step: int, *, last: bool = False) -> None:
-        if step % self.inner_steps == 0 or last:
-            self.sync(model, optimizer, step)
+    @property
+    def round_steps(self) -> int:  # type: ignore[override]
+        return self.inner_steps
+
+    def after_step(self, model: nn.Module, optimizer: Any, step: int, *, last: bool = False,
+                   stop: bool = False) -> bool:
+        if not (step % self.inner_steps == 0 or last):
+            return False
+        agreed = stop
+        if self.group is not None and self.world_size > 1:
+            # Every rank votes at every round boundary (4 bytes, once per H steps), so a stop asked of some
+            # ranks mid-round happens on all of them after the same round.
+            PROGRESS.maybe_skip(self.rank, step, "the DiLoCo stop vote")
+            PROGRESS.enter(f"DiLoCo stop vote after step {step}")
+            votes = mx.distributed.all_sum(mx.array([1.0 if stop else 0.0]), group=self.group)
+            agreed = bool(votes.item() > 0)
+            self.bytes_sent += ring_bytes(4, self.world_size)
+        self.sync(model, optimizer, step)
+        return agreed
 
     def sync(self, model: nn.Module, optimizer: Any, step: int) -> None:
         """End a round: exchange pseudo-gradients, take the outer step, set the local weights to theta."""
         if self.params is None or self.momentum is None:
             raise RuntimeError("DiLoCoStrategy.setup must run before the first step")
         round_no = self.rounds + 1
+        PROGRESS.enter(f"DiLoCo outer exchange of round {round_no} (after step {step})")
         delta = self.params - self._flatten(model)
         valid = bool(mx.all(mx.isfinite(delta)).item())
         if not valid:

@@ -39,25 +39,29 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import signal
 import socket
 import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from distributed.errors import RendezvousError
 
 if TYPE_CHECKING:
     from distributed.env import RankEnv
+    from distributed.progress import Progress
 
 HEADER_LIMIT = 64 * 1024
 VALUE_LIMIT = 64 * 1024 * 1024
 HANDSHAKE_LIMIT = 256
 MAGIC = b"macrun-rendezvous/1 "
 NONCE_BYTES = 32
+EXIT_LAUNCHER_LOST = 75  # a rank that ended itself because the launcher was out of reach (EX_TEMPFAIL)
 _LEN = struct.Struct(">I")
 _CLIENT_LABEL, _SERVER_LABEL = b"client", b"server"
 _ACCEPT, _REJECT = b"\x01", b"\x00"
@@ -177,9 +181,10 @@ class StoreClient:
         port = env.store_port if env.store_port is not None else env.master_port
         return cls(env.store_addr or env.master_addr, port, env.secret, timeout=timeout)
 
-    def clone(self) -> StoreClient:
+    def clone(self, timeout: float | None = None, connect_timeout: float = 10.0) -> StoreClient:
         """A second connection to the same store, for a thread that must not queue behind this one."""
-        return StoreClient(self.host, self.port, self._secret.reveal(), timeout=self.timeout)
+        return StoreClient(self.host, self.port, self._secret.reveal(),
+                           timeout=self.timeout if timeout is None else timeout, connect_timeout=connect_timeout)
 
     def _connect(self, connect_timeout: float) -> socket.socket:
         deadline = time.monotonic() + connect_timeout
@@ -304,9 +309,14 @@ class StoreClient:
         t = self._timeout(timeout)
         self._request({"op": "barrier", "name": name, "world_size": world_size, "timeout": t}, wait=t)
 
-    def heartbeat(self, rank: int) -> None:
-        """Tell the server that `rank` is alive (it stamps its own clock)."""
-        self._request({"op": "heartbeat", "rank": rank})
+    def heartbeat(self, rank: int, progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Tell the server that `rank` is alive (it stamps its own clock), with its progress report if
+        given; returns what the launcher asks of the ranks (e.g. {"stop": True}), usually {}."""
+        header: dict[str, Any] = {"op": "heartbeat", "rank": rank}
+        if progress is not None:
+            header["progress"] = progress
+        control = self._request(header)[0].get("control")
+        return control if isinstance(control, dict) else {}
 
     def set_json(self, key: str, obj: Any) -> None:
         self.set(key, json.dumps(obj).encode())
@@ -350,28 +360,67 @@ def _reach_hint(port: int) -> str:
             f"that this host can reach and that no firewall blocks port {port}")
 
 
-def start_heartbeat(client: StoreClient, rank: int, interval: float = 2.0) -> threading.Event:
+def start_heartbeat(client: StoreClient, rank: int, interval: float = 2.0, *, progress: Progress | None = None,
+                    launcher_timeout: float | None = None,
+                    on_lost: Callable[[float], None] | None = None) -> threading.Event:
     """Beat for `rank` every `interval` s on a connection of its own until the returned event is set.
 
-    The first beat is sent before returning (so a failure to connect raises here). Later errors stop the
-    daemon thread after one line on stderr: the launcher notices the silence and reports the rank."""
-    beater = client.clone()  # a barrier on `client` must not delay the heartbeat behind it
+    Each beat carries `progress`'s snapshot (for the launcher's watchdog) and stores the launcher's reply
+    in `progress.control`. The first beat is sent before returning (so a failure to connect raises here).
+    A failed beat is retried on a new connection every interval; with `launcher_timeout`, once no beat
+    has got through for that long, `on_lost(seconds)` runs (default: `end_this_rank`), so a rank on a
+    partitioned host does not linger once the launcher has given up on it. Without it the thread stops
+    after one line on stderr and the launcher notices the silence.
+    """
+    request_timeout = max(1.0, min(5.0, 2.5 * interval))  # a partition must not hold a beat for 30 s
+    beater = client.clone(timeout=request_timeout)  # a barrier on `client` must not delay the heartbeat
     try:
-        beater.heartbeat(rank)
+        beater.heartbeat(rank, progress.snapshot() if progress else None)
     except BaseException:
         beater.close()
         raise
     stop = threading.Event()
+    lost = on_lost or end_this_rank
 
     def beat() -> None:
+        nonlocal beater
+        last_ok = time.monotonic()
         try:
             while not stop.wait(interval):
-                beater.heartbeat(rank)
-        except RendezvousError as e:
-            if not stop.is_set():
-                sys.stderr.write(f"macrun: rank {rank} stopped its heartbeat: {e}\n")
+                try:
+                    if beater is None:
+                        beater = client.clone(timeout=request_timeout, connect_timeout=request_timeout)
+                    control = beater.heartbeat(rank, progress.snapshot() if progress else None)
+                    last_ok = time.monotonic()
+                    if progress is not None:
+                        progress.control = control
+                except RendezvousError as e:
+                    if stop.is_set():
+                        return
+                    if launcher_timeout is None:
+                        sys.stderr.write(f"macrun: rank {rank} stopped its heartbeat: {e}\n")
+                        return
+                    if beater is not None:
+                        beater.close()
+                        beater = None
+                    silent = time.monotonic() - last_ok
+                    if silent >= launcher_timeout:
+                        lost(silent)
+                        return
         finally:
-            beater.close()
+            if beater is not None:
+                beater.close()
 
     threading.Thread(target=beat, name=f"rendezvous-heartbeat-{rank}", daemon=True).start()
     return stop
+
+
+def end_this_rank(silent: float) -> None:
+    """The launcher is out of reach: say so and end this process's whole group (the rank and its helpers)."""
+    sys.stderr.write(f"macrun: no contact with the launcher for {silent:.0f} s; this rank ends itself\n")
+    sys.stderr.flush()
+    try:
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+    except OSError:
+        pass
+    os._exit(EXIT_LAUNCHER_LOST)  # only reached if SIGTERM is caught or ignored

@@ -57,6 +57,8 @@ class _Table:
         self.data: dict[str, bytes] = {}
         self.barriers: dict[str, _Barrier] = {}
         self.beats: dict[int, float] = {}
+        self.progress: dict[int, dict[str, Any]] = {}  # rank -> its last report, "since": when its step changed
+        self.control: dict[str, Any] = {}  # what the launcher asks of every rank (e.g. {"stop": true})
         self.closed = False
 
     def _wait(self, ready: Callable[[], bool], timeout: float) -> bool:
@@ -120,9 +122,21 @@ class _Table:
                 raise _OpError("timeout", f"barrier {name!r} timed out after {timeout:g} s with "
                                           f"{arrived} of {world_size} ranks arrived")
 
-    def heartbeat(self, rank: int) -> None:
+    def heartbeat(self, rank: int, progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Stamp `rank` alive, keep its progress report; returns the launcher's control requests."""
         with self.cond:
-            self.beats[rank] = time.monotonic()
+            now = self.beats[rank] = time.monotonic()
+            if progress is not None:
+                before = self.progress.get(rank)
+                moved = before is None or before.get("step") != progress.get("step")
+                self.progress[rank] = {**progress, "since": now if moved else before["since"]}  # type: ignore[index]
+            return dict(self.control)
+
+    def progress_report(self) -> dict[int, dict[str, Any]]:
+        """Each rank's last progress report, with "stalled": seconds since its step last changed."""
+        now = time.monotonic()
+        with self.cond:
+            return {rank: {**p, "stalled": now - p["since"]} for rank, p in self.progress.items()}
 
     def heartbeat_ages(self) -> dict[int, float]:
         now = time.monotonic()
@@ -312,8 +326,12 @@ class StoreServer:
                 t.barrier(_field(h, "name", str), _field(h, "world_size", int, 1), timeout)
                 return {"ok": True}, None
             if op == "heartbeat":
-                t.heartbeat(_field(h, "rank", int, 0))
-                return {"ok": True}, None
+                progress = h.get("progress")
+                if progress is not None and not (isinstance(progress, dict) and isinstance(progress.get("step"), int)
+                                                 and not isinstance(progress.get("step"), bool)):
+                    raise _OpError("bad_request", "heartbeat progress must be an object with an integer step")
+                control = t.heartbeat(_field(h, "rank", int, 0), progress)
+                return {"ok": True, "control": control}, None
             raise _OpError("bad_request", f"unknown op {op!r}")
         except _OpError as e:
             return {"ok": False, "error": e.code, "message": e.message}, None
@@ -345,6 +363,16 @@ class StoreServer:
     def heartbeat_ages(self) -> dict[int, float]:
         """Seconds since each rank's last heartbeat (server clock); ranks never heard from are absent."""
         return self._table.heartbeat_ages()
+
+    def progress_report(self) -> dict[int, dict[str, Any]]:
+        """Each rank's last progress report (step, doing, step_s, ...) with "stalled": seconds since its
+        step last changed (server clock); ranks that never reported are absent."""
+        return self._table.progress_report()
+
+    def request(self, **control: Any) -> None:
+        """Ask every rank something through its next heartbeat reply (e.g. request(stop=True))."""
+        with self._table.cond:
+            self._table.control.update(control)
 
     def close(self) -> None:
         """Stop serving: close the listener and every connection; blocked clients get RendezvousError."""

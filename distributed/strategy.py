@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from distributed.compress import ring_bytes
 from distributed.errors import TrainingError
+from distributed.progress import PROGRESS
 
 __all__ = ["DDPStrategy", "LocalStrategy", "Strategy", "broadcast_parameters", "replica_fingerprint",
            "ring_bytes"]
@@ -45,12 +46,30 @@ class Strategy:
         """Called once before the first step (after any `restore`)."""
         self.rank, self.world_size = rank, world_size
 
+    # Whether the ranks meet in a collective every step (inside the compiled step); the stop vote then
+    # travels with it (`reduce_with_votes`) instead of in `after_step`.
+    syncs_every_step = False
+    # Steps between the points where every rank holds the same weights (DiLoCo's H); None: every step.
+    round_steps: int | None = None
+
     def reduce_gradients(self, grads: Any) -> Any:
         """Runs inside the compiled train step, between the backward pass and the optimizer."""
         return grads
 
-    def after_step(self, model: nn.Module, optimizer: Any, step: int, *, last: bool = False) -> None:
-        """Runs after optimizer step `step` (1-based) has been queued; `last` is true for the run's final step."""
+    def reduce_with_votes(self, grads: Any, votes: mx.array) -> tuple[Any, mx.array]:
+        """`reduce_gradients`, plus `votes` (a float32 vector) summed over the ranks in the same collective
+        when there is one (DDP); otherwise `votes` comes back unchanged."""
+        return self.reduce_gradients(grads), votes
+
+    def after_step(self, model: nn.Module, optimizer: Any, step: int, *, last: bool = False,
+                   stop: bool = False) -> bool:
+        """Runs after optimizer step `step` (1-based) has been queued; `last` is true for the run's final step.
+
+        `stop` is this rank's wish to stop (the launcher asked for it); returns True when the ranks have
+        agreed to stop after this step (every rank gets the same answer at the same step). A strategy
+        that meets every step votes in `reduce_with_votes` instead and returns False here.
+        """
+        return stop and self.world_size <= 1
 
     def replicated_arrays(self, model: nn.Module) -> list[tuple[str, mx.array]]:
         """The named arrays every rank must hold identically whenever `check_replicas` runs."""
@@ -64,6 +83,7 @@ class Strategy:
         if self.group is None or self.world_size <= 1:
             return
         named = self.replicated_arrays(model)
+        PROGRESS.enter(f"replica check at step {step}")
         mine = replica_fingerprint([v for _, v in named])
         everyone = np.array(mx.distributed.all_gather(mine[None], group=self.group))
         self.bytes_sent += (self.world_size - 1) * mine.nbytes
@@ -105,6 +125,7 @@ class DDPStrategy(Strategy):
     """
 
     name = "ddp"
+    syncs_every_step = True
 
     def __init__(self, group: mx.distributed.Group, bucket_bytes: int = 32 << 20) -> None:
         super().__init__(group)
@@ -120,35 +141,46 @@ class DDPStrategy(Strategy):
         self._step_bytes = ring_bytes(payload, world_size)
 
     def reduce_gradients(self, grads: Any) -> Any:
+        return self.reduce_with_votes(grads, None)[0]
+
+    def reduce_with_votes(self, grads: Any, votes: mx.array | None) -> tuple[Any, mx.array | None]:
         if self.world_size == 1:
-            return grads
+            return grads, votes
         flat = tree_flatten(grads)
         out: list[tuple[str, mx.array]] = []
         bucket: list[tuple[str, mx.array]] = []
         size = 0
 
-        def flush() -> None:
-            nonlocal bucket, size
+        summed_votes = votes
+
+        def flush(final: bool = False) -> None:
+            nonlocal bucket, size, summed_votes
             if not bucket:
                 return
-            packed = mx.concatenate([g.reshape(-1) for _, g in bucket])
-            summed = mx.distributed.all_sum(packed, group=self.group) / self.world_size
+            parts = [g.reshape(-1) for _, g in bucket]
+            if final and votes is not None:  # a few floats ride along in the last bucket: no extra collective
+                parts.append(votes.astype(parts[0].dtype))
+            summed = mx.distributed.all_sum(mx.concatenate(parts), group=self.group)
             offset = 0
             for key, g in bucket:
-                out.append((key, summed[offset:offset + g.size].reshape(g.shape)))
+                out.append((key, summed[offset:offset + g.size].reshape(g.shape) / self.world_size))
                 offset += g.size
+            if final and votes is not None:
+                summed_votes = summed[offset:].astype(mx.float32)
             bucket, size = [], 0
 
-        for key, g in flat:
+        for i, (key, g) in enumerate(flat):
             bucket.append((key, g))
             size += g.nbytes
-            if size >= self.bucket_bytes:
+            if size >= self.bucket_bytes and i < len(flat) - 1:  # the last bucket is flushed below, with votes
                 flush()
-        flush()
-        return tree_unflatten(out)
+        flush(final=True)
+        return tree_unflatten(out), summed_votes
 
-    def after_step(self, model: nn.Module, optimizer: Any, step: int, *, last: bool = False) -> None:
+    def after_step(self, model: nn.Module, optimizer: Any, step: int, *, last: bool = False,
+                   stop: bool = False) -> bool:
         self.bytes_sent += self._step_bytes
+        return False
 
 
 def broadcast_parameters(model: nn.Module, group: mx.distributed.Group | None) -> int:
@@ -166,19 +198,24 @@ def broadcast_parameters(model: nn.Module, group: mx.distributed.Group | None) -
     return sum(ring_bytes(v.nbytes, group.size()) for _, v in params)
 
 
-def adopt_from_rank0(step: int, state: Any, group: mx.distributed.Group) -> tuple[int, Any, int]:
-    """Every rank takes rank 0's step counter and optimizer state (others contribute zeros to an all_sum).
+def adopt_from_rank0(step: int, position: int | None, state: Any,
+                     group: mx.distributed.Group) -> tuple[int, int | None, Any, int]:
+    """Every rank takes rank 0's step counter, data-stream position and optimizer state (others contribute
+    zeros to an all_sum).
 
     Used on resume: only rank 0 reads the checkpoint, so a rank on a host without it continues exactly
-    where rank 0 does. Returns (step, state, bytes this rank sent).
+    where rank 0 does. `position` None means "no checkpoint" (a fresh start). Returns (step, position,
+    state, bytes this rank sent).
     """
     rank0 = group.rank() == 0
     # Sorted: a state read back from a checkpoint lists its keys in another order than a fresh one, and
     # the ranks must issue their collectives in the same order.
     flat = sorted(tree_flatten(state), key=lambda kv: kv[0])
     synced = [(k, mx.distributed.all_sum(v if rank0 else mx.zeros_like(v), group=group)) for k, v in flat]
-    agreed = mx.distributed.all_sum(mx.array(step if rank0 else 0, dtype=mx.int32), group=group)
+    # int64: a position counts windows, and a long run on a big corpus passes 2^31 of them.
+    mine = [step, -1 if position is None else position] if rank0 else [0, 0]
+    agreed = mx.distributed.all_sum(mx.array(mine, dtype=mx.int64), group=group)
     mx.eval(agreed, [v for _, v in synced])
-    sent = sum(ring_bytes(v.nbytes, group.size()) for _, v in flat)
-    return int(agreed.item()), tree_unflatten(synced), sent
-
+    sent = sum(ring_bytes(v.nbytes, group.size()) for _, v in flat) + ring_bytes(16, group.size())
+    got_step, got_position = (int(v) for v in agreed.tolist())
+    return got_step, (None if got_position < 0 else got_position), tree_unflatten(synced), sent

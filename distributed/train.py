@@ -24,11 +24,20 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from distributed import __version__
-from distributed.checkpoint import flatten_tree, latest_checkpoint, save_checkpoint, unflatten_tree
+from distributed.checkpoint import (
+    flatten_tree,
+    latest_checkpoint,
+    load_rank_state,
+    save_checkpoint,
+    save_rank_state,
+    stream_position,
+    unflatten_tree,
+)
 from distributed.config import Config, TrainConfig
 from distributed.data import BatchSampler, val_batches
 from distributed.errors import CheckpointError
 from distributed.models.gpt import build_model, count_params, loss_fn
+from distributed.progress import PROGRESS
 from distributed.strategy import LocalStrategy, Strategy, adopt_from_rank0
 
 
@@ -99,6 +108,7 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
     start_step = 0
+    position: int | None = None  # windows of the data stream consumed before start_step (None: fresh)
     group = getattr(strategy, "group", None)
     shared = group is not None and world_size > 1
     # With several ranks only rank 0 reads the checkpoint (it wrote it, maybe on its own host); the others
@@ -117,13 +127,22 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
             optimizer.state = unflatten_tree(ckpt.groups["optimizer"])
             strategy.restore(ckpt.groups)
             start_step = ckpt.step
-            say(f"resumed from {ckpt.path} (step {ckpt.step})")
+            position = stream_position(ckpt.meta, ckpt.step, t.batch_size)
+            was = ckpt.meta.get("world_size")
+            say(f"resumed from {ckpt.path} (step {ckpt.step})"
+                + (f"; {was} rank(s) then, {world_size} now: the data stream continues where it stopped"
+                   if was not in (None, world_size) else ""))
     strategy.setup(model, rank=rank, world_size=world_size)
     if resume and shared:
-        start_step, optimizer.state, sent = adopt_from_rank0(start_step, optimizer.state, group)
+        start_step, position, optimizer.state, sent = adopt_from_rank0(start_step, position, optimizer.state, group)
         strategy.bytes_sent += sent
+        if strategy.name == "diloco" and not is_main:
+            own = load_rank_state(run_dir, rank, start_step, optimizer.state)
+            if own is not None:  # DiLoCo's inner AdamW state is each rank's own; rank 0's is the fallback
+                optimizer.state = own
 
-    sampler = BatchSampler(data_dir / "train.bin", cfg.data.seq_len, t.batch_size, rank, world_size, cfg.run.seed)
+    sampler = BatchSampler(data_dir / "train.bin", cfg.data.seq_len, t.batch_size, rank, world_size, cfg.run.seed,
+                           start_step=start_step, start_position=position)
     evals = [(mx.array(x), mx.array(y)) for x, y in
              val_batches(data_dir / "val.bin", cfg.data.seq_len, t.batch_size, t.eval_batches)]
     n_params = count_params(model)
@@ -134,15 +153,15 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def train_step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+    def train_step(x: mx.array, y: mx.array, votes: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         loss, grads = value_and_grad(model, x, y)
-        grads = strategy.reduce_gradients(grads)
+        grads, votes = strategy.reduce_with_votes(grads, votes)
         if t.grad_clip > 0:
             grads, norm = optim.clip_grad_norm(grads, t.grad_clip)
         else:
             norm = mx.array(0.0)
         optimizer.update(model, grads)
-        return loss, norm
+        return loss, norm, votes
 
     @partial(mx.compile, inputs=model.state)
     def eval_step(x: mx.array, y: mx.array) -> mx.array:
@@ -166,12 +185,14 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
             metrics_file.flush()
 
     def checkpoint(step: int, loss: float, val_loss: float | None) -> Path | None:
+        if strategy.name == "diloco" and world_size > 1 and not is_main:
+            save_rank_state(run_dir, rank, step, optimizer.state)
         if not is_main:
             return None
         groups = {"model": flatten_tree(model.parameters()), "optimizer": flatten_tree(optimizer.state)}
         groups.update(strategy.state_groups())
         meta = {"config": cfg.to_dict(), "loss": loss, "val_loss": val_loss, "world_size": world_size,
-                "strategy": strategy.name, "versions": _versions()}
+                "strategy": strategy.name, "versions": _versions(), "stream_position": sampler.position(step)}
         path = save_checkpoint(ckpt_root, step, groups, meta, keep=t.keep_checkpoints)
         say(f"checkpoint {path}")
         return path
@@ -184,15 +205,25 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
     started = time.perf_counter()
     last_loss, val_loss, ckpt_path = float("nan"), None, None
     step = start_step
+    stopped = False
+    no_vote, yes_vote = mx.array([0.0]), mx.array([1.0])
+    PROGRESS.start(start_step)
     for step in range(start_step, end):
-        loss, _norm = train_step(x, y)
-        mx.async_eval(loss, state)
+        wants_stop = PROGRESS.stop_requested
+        if strategy.syncs_every_step:
+            PROGRESS.maybe_skip(rank, step + 1, "the gradient all_sum")
+            PROGRESS.enter(f"gradient all_sum of step {step + 1}")
+        loss, _norm, votes = train_step(x, y, yes_vote if wants_stop else no_vote)
+        mx.async_eval(loss, votes, state)
         if step + 1 < end:  # prepare the next batch while this step computes
             x, y = (mx.array(a) for a in sampler.batch(step + 1))
         last_loss = loss.item()
-        strategy.after_step(model, optimizer, step + 1, last=step + 1 == end)
+        stopped = strategy.after_step(model, optimizer, step + 1, last=step + 1 == end, stop=wants_stop)
+        if strategy.syncs_every_step:
+            stopped = stopped or votes.item() > 0
         loss_sum, loss_n, window_tokens = loss_sum + last_loss, loss_n + 1, window_tokens + tokens_per_step
         done = step + 1
+        PROGRESS.finished(done)
         if not math.isfinite(last_loss) and not strategy.tolerates_nonfinite_loss:
             raise FloatingPointError(f"loss became {last_loss} at step {done}; lower train.lr or check the data")
         is_eval = (t.eval_interval and done % t.eval_interval == 0) or done == end
@@ -213,8 +244,13 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
                 + f" · lr {row['lr']:.2e} · {_fmt_count(tps)} tok/s · {_fmt_time(now - started)} elapsed, "
                   f"~{_fmt_time(left)} left")
             loss_sum, loss_n, window_start, window_tokens = 0.0, 0, time.perf_counter(), 0
-        if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == end:
+        synced = strategy.round_steps is not None and done % strategy.round_steps == 0 and cfg.fault.sync_checkpoints
+        if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == end or synced or stopped:
             ckpt_path = checkpoint(done, last_loss, val_loss) or ckpt_path
+        if stopped:
+            say(f"stopped at step {done} as asked, with a checkpoint; continue with --resume")
+            end = done
+            break
 
     seconds = time.perf_counter() - started
     trained = (step + 1 - start_step) if end > start_step else 0

@@ -11,12 +11,14 @@ import argparse
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from distributed.config import Config, load_config
 from distributed.env import RankEnv
 from distributed.errors import MacrunError, report
+from distributed.progress import PROGRESS
 from distributed.strategy import DDPStrategy, Strategy
 
 
@@ -108,6 +110,26 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None) -> tup
     return DDPStrategy(group), reason
 
 
+BATTERY_CHECK_S = 60.0
+
+
+def watch_battery(min_percent: float, stop: threading.Event) -> None:
+    """On a Mac with a battery: every minute, note in this rank's progress report whether it runs on battery
+    below `min_percent`; the launcher then stops the run at the next sync and goes on without this Mac."""
+    from distributed.probe import battery_problem, read_battery
+
+    if min_percent <= 0 or read_battery() is None:
+        return  # no battery (or not a Mac): nothing to watch
+
+    def check() -> None:
+        while True:
+            PROGRESS.power = battery_problem(read_battery(), min_percent)
+            if stop.wait(BATTERY_CHECK_S):
+                return
+
+    threading.Thread(target=check, name="battery-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
@@ -120,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             from distributed.store import StoreClient, start_heartbeat
 
             client = StoreClient.from_env(env)
-            heartbeat = start_heartbeat(client, env.rank)
+            heartbeat = start_heartbeat(client, env.rank, progress=PROGRESS,
+                                        launcher_timeout=cfg.fault.launcher_timeout)
+            watch_battery(cfg.fault.min_battery, heartbeat)
             # Where this rank can be reached, for the launcher and the other ranks (key: links/<rank>).
             client.set_json(f"links/{env.rank}", {"host": socket.gethostname(),
                                                   "links": [link.to_dict() for link in list_links()]})

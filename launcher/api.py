@@ -24,6 +24,7 @@ from distributed.store import new_secret
 from distributed.store_server import StoreServer
 from launcher.hosts import HostSpec, layout_ranks, local_hosts
 from launcher.job import LocalLauncher, RankSpec, RunResult, run_ranks
+from launcher.watchdog import Watch
 
 PACKAGE_DIR = Path(distributed.__file__).resolve().parent
 SOURCE_ROOT = PACKAGE_DIR.parent
@@ -43,9 +44,20 @@ class LaunchSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for every rank
     accept_new_host_keys: bool = False
     fetch: Sequence[str] = ()  # paths in rank 0's job folder copied back into run_dir after the run
-    heartbeat_timeout: float = 60.0
+    heartbeat_timeout: float = 60.0  # a rank silent this long is lost (training runs pass fault.heartbeat_timeout)
     grace: float = 5.0
     link: str = "auto"  # hosts' ring: auto (Thunderbolt if every neighbour pair is cabled) | thunderbolt | network
+    progress_timeout: float | None = None  # ranks report progress (training): the watchdog's timeout, 0 = auto
+    graceful_stop: bool = False  # the first Ctrl-C asks the ranks to checkpoint and stop (training)
+    min_battery: float = 20.0  # refuse a host on battery below this percentage (0: never)
+
+
+def watch_for(spec: LaunchSpec, store: StoreServer) -> Watch:
+    """The watchdog and graceful stop a launch gets: only ranks that report progress (macrun train) have them."""
+    if spec.progress_timeout is None:
+        return Watch()
+    return Watch(progress=store.progress_report, timeout=spec.progress_timeout,
+                 request_stop=(lambda: store.request(stop=True)) if spec.graceful_stop else None)
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -138,4 +150,4 @@ def _launch_local(spec: LaunchSpec, *, emit: Callable[[str], None],
         launcher = LocalLauncher(pythonpath=str(SOURCE_ROOT))
         return run_ranks(specs, launchers={"localhost": launcher}, log_dir=spec.run_dir / "logs", emit=emit,
                          heartbeat_ages=store.heartbeat_ages, heartbeat_timeout=spec.heartbeat_timeout,
-                         grace=spec.grace)
+                         grace=spec.grace, watch=watch_for(spec, store))

@@ -38,9 +38,10 @@ from launcher.ranks import (
     shim_request,
 )
 from launcher.results import RankResult, RankState, RunResult, describe_exit, render_failure_table
+from launcher.watchdog import Watch, find_stuck
 
 __all__ = ["RankSpec", "RankState", "RankResult", "RunResult", "RankLauncher", "RankHandle", "LocalLauncher",
-           "SSHLauncher", "run_ranks", "render_failure_table", "local_rank_specs"]
+           "SSHLauncher", "Watch", "run_ranks", "render_failure_table", "local_rank_specs"]
 
 LAST_LINES = 20
 HARD_STOP_MARGIN_S = 1.0  # after grace, leave the shim a moment to SIGKILL (and report) on its own
@@ -66,6 +67,7 @@ class _Rank:
     reason: str = ""
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_LINES))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    detected_after: float | None = None  # LOST/STUCK: the silence or stall that decided it
     pgid: int | None = None  # the rank's process group on its host, as its shim reported it
     shim_pid: int | None = None  # the shim's pid on its host, as it reported it
     open_streams: int = 0
@@ -77,7 +79,8 @@ class _Rank:
     def result(self) -> RankResult:
         return RankResult(rank=self.spec.rank, host_name=self.spec.host_name, state=self.state,
                           exit_code=self.exit_code, started=self.started, ended=self.ended,
-                          reason=self.reason, last_lines=list(self.lines), log_path=self.log_path)
+                          reason=self.reason, last_lines=list(self.lines), log_path=self.log_path,
+                          detected_after=self.detected_after)
 
 
 class _Monitor:
@@ -86,7 +89,7 @@ class _Monitor:
     def __init__(self, specs: Sequence[RankSpec], launchers: Mapping[str, RankLauncher] | None,
                  log_dir: Path, emit: Callable[[str], None],
                  heartbeat_ages: Callable[[], dict[int, float]] | None,
-                 heartbeat_timeout: float, grace: float) -> None:
+                 heartbeat_timeout: float, grace: float, watch: Watch | None = None) -> None:
         ranks = [spec.rank for spec in specs]
         if not specs:
             raise ConfigError("there are no ranks to run", hint="give at least one rank (nproc >= 1)")
@@ -97,6 +100,9 @@ class _Monitor:
         self.heartbeat_ages = heartbeat_ages
         self.heartbeat_timeout = heartbeat_timeout
         self.grace = grace
+        self.watch = watch or Watch()
+        self.graceful_requested = False
+        self.leaving: dict[str, str] = {}  # host -> why it must leave (its ranks reported it)
         self.events: queue.Queue[tuple[str, int, int | None]] = queue.Queue()
         self.emit_lock = threading.Lock()
         # A token only this run knows marks the shim's own report lines, so no rank output can fake one.
@@ -172,15 +178,18 @@ class _Monitor:
         else:
             self._on_event(kind, self.ranks[rank], value)
         now = time.monotonic()
-        if self.heartbeat_ages is not None and now >= self.next_heartbeat_check:
+        if (self.heartbeat_ages is not None or self.watch.progress is not None) and now >= self.next_heartbeat_check:
             self.next_heartbeat_check = now + min(1.0, self.heartbeat_timeout / 4)
-            self._check_heartbeats()
+            if self.heartbeat_ages is not None:
+                self._check_heartbeats()
+            if self.watch.progress is not None:
+                self._check_progress()
         self._check_deadlines(now)
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
         deadlines = [now + (SIGNAL_POLL_S if self.handles_signals else 1.0)]
-        if self.heartbeat_ages is not None:
+        if self.heartbeat_ages is not None or self.watch.progress is not None:
             deadlines.append(self.next_heartbeat_check)
         for at in (self.hard_stop_at, self.give_up_at):
             if at is not None:
@@ -294,8 +303,41 @@ class _Monitor:
             if (age is not None and age > self.heartbeat_timeout and r.state is RankState.RUNNING
                     and r.exited_at is None and not r.stop_sent):
                 r.state = RankState.LOST
-                r.reason = f"no heartbeat for {age:.1f} s (timeout {self.heartbeat_timeout:g} s)"
+                r.reason = (f"no heartbeat for {age:.1f} s (timeout {self.heartbeat_timeout:g} s): "
+                            f"host {r.spec.host_name} frozen, asleep or cut off")
+                r.detected_after = age
                 self._fail(r)
+
+    def _check_progress(self) -> None:
+        """The watchdog (see launcher/watchdog.py): a stuck run fails, its furthest-behind rank(s) the cause."""
+        assert self.watch.progress is not None
+        if self.teardown_reason is not None:
+            return
+        report = self.watch.progress()
+        for rank, p in sorted(report.items()):
+            host = self.ranks[rank].spec.host_name if rank in self.ranks else "?"
+            if p.get("leave") and host not in self.leaving:  # e.g. a Mac on battery below fault.min_battery
+                self.leaving[host] = str(p["leave"])
+                self._notice(f"{host} must leave the run: {p['leave']}")
+                if not self.graceful_requested and self.watch.request_stop is not None:
+                    self.graceful_requested = True
+                    self.watch.request_stop()
+                    self._notice("stopping: every rank saves a checkpoint at its next sync; the run then goes on "
+                                 "without that Mac")
+        if self.graceful_requested:
+            return
+        live = [r for r in self.ranks.values() if r.state is RankState.RUNNING and r.exited_at is None]
+        if len(live) != len(self.ranks):
+            return  # a rank ended: the run is finishing, or its failure is handled elsewhere
+        stuck = find_stuck(report, [r.spec.rank for r in live], self.watch.timeout_for)
+        if stuck is None:
+            return
+        culprits = [self.ranks[rank] for rank in stuck.culprits]
+        for r in culprits:
+            r.state, r.detected_after, r.reason = RankState.STUCK, stuck.stalled, stuck.reasons[r.spec.rank]
+        self._notice(stuck.notice({r.spec.rank: r.spec.host_name for r in live}))
+        for r in culprits:
+            self._fail(r)
 
     def _check_deadlines(self, now: float) -> None:
         for r in self.ranks.values():
@@ -325,6 +367,13 @@ class _Monitor:
     def _interrupt(self) -> None:
         tearing_down = self.teardown_reason is not None
         self.interrupted = True
+        if not tearing_down and not self.graceful_requested and self.watch.request_stop is not None:
+            # First Ctrl-C of a training run: the ranks checkpoint at their next sync and exit on their own.
+            self.graceful_requested = True
+            self.watch.request_stop()
+            self._notice("stopping: every rank saves a checkpoint at its next sync and exits "
+                         "(Ctrl-C again to stop at once, losing what is not saved)")
+            return
         if tearing_down:  # a second Ctrl-C, or one during a failure's teardown: stop waiting for grace
             if self.give_up_at is None:
                 self.hard_stop_at = time.monotonic()
@@ -383,8 +432,17 @@ class _Monitor:
         else:
             code = 1
         first = results[self.first_failure.spec.rank] if self.first_failure is not None else None
+        progress = {}
+        if self.watch.progress is not None:
+            try:
+                progress = self.watch.progress()
+            except Exception:  # the record is best effort; the result itself must come back
+                progress = {}
+        graceful = (self.graceful_requested and self.teardown_reason is None
+                    and all(r.state is RankState.SUCCEEDED for r in results.values()))
         return RunResult(exit_code=code, ranks=list(results.values()), interrupted=self.interrupted,
-                         first_failure=first)
+                         first_failure=first, progress=progress, stopped_gracefully=graceful,
+                         leaving=dict(self.leaving))
 
 
 def run_ranks(
@@ -396,6 +454,7 @@ def run_ranks(
     heartbeat_ages: Callable[[], dict[int, float]] | None = None,
     heartbeat_timeout: float = 30.0,
     grace: float = 5.0,
+    watch: Watch | None = None,
 ) -> RunResult:
     """Run every rank to the end and say truthfully how it went.
 
@@ -404,9 +463,10 @@ def run_ranks(
     `heartbeat_ages` (e.g. StoreServer.heartbeat_ages) gives seconds since each rank's last heartbeat;
     a rank that has sent heartbeats and then goes quiet for `heartbeat_timeout` is LOST. The first
     failure stops the others (SIGTERM, SIGKILL after `grace`); so does Ctrl-C, which this function
-    absorbs (exit code 130) instead of raising.
+    absorbs (exit code 130) instead of raising. `watch` adds the progress watchdog and the graceful
+    first Ctrl-C of training runs (see Watch).
     """
-    monitor = _Monitor(specs, launchers, Path(log_dir), emit, heartbeat_ages, heartbeat_timeout, grace)
+    monitor = _Monitor(specs, launchers, Path(log_dir), emit, heartbeat_ages, heartbeat_timeout, grace, watch)
     return monitor.run()
 
 

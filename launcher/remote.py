@@ -26,7 +26,7 @@ from distributed.links import Link
 from distributed.store import new_secret
 from distributed.store_server import StoreServer
 from distributed.topology import RingHost, plan_ring
-from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, linux_rank_env, ring_hostfile
+from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, linux_rank_env, ring_hostfile, watch_for
 from launcher.hosts import HostSpec, layout_ranks
 from launcher.job import RankSpec, RunResult, run_ranks
 from launcher.preflight import HostFacts, Problem, check_hosts, probe_hosts, render_preflight, run_preflight
@@ -98,6 +98,7 @@ def _fetch_tree(conn: SSHConnection, remote: str, local: Path) -> int:
 
 def _prepare_hosts(
     conns: Sequence[SSHConnection], files: dict[str, Path], job_dirs: dict[str, str], timings: dict[str, float],
+    min_battery: float = 20.0,
 ) -> tuple[tuple[dict[str, HostFacts], list[Problem]], dict[str, list[int]], dict[str, SyncReport]]:
     """Probe every host, ask each for free ports and sync the job's files, all at once.
 
@@ -117,7 +118,7 @@ def _prepare_hosts(
         ports_future = pool.submit(timed, "ports", lambda: _free_ports_all(conns))
         sync_future = pool.submit(timed, "sync", lambda: sync_all(conns, files, job_dirs))
         workdirs = {c.host.name: c.host.workdir for c in conns}
-        preflight = timed("probe", lambda: run_preflight(conns, workdir_by_host=workdirs))
+        preflight = timed("probe", lambda: run_preflight(conns, workdir_by_host=workdirs, min_battery=min_battery))
         return preflight, ports_future.result(), sync_future.result()
 
 
@@ -163,7 +164,7 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
     try:
         files = {**package_files(PACKAGE_DIR, "distributed"), **spec.files}
         (facts, warnings), ports, reports = _prepare_hosts(
-            conns, files, {h.name: _job_dir(h, spec.name) for h in hosts}, timings)
+            conns, files, {h.name: _job_dir(h, spec.name) for h in hosts}, timings, spec.min_battery)
         emit(_render(render_preflight(facts, warnings)))
         for w in warnings:
             emit(f"warning: {w.host}: {w.message}")
@@ -212,7 +213,7 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
             launchers = {h.name: SSHLauncher(by_name[h.name], job_dir[h.name]) for h in hosts}
             result = run_ranks(specs, launchers=launchers, log_dir=spec.run_dir / "logs", emit=emit,
                                heartbeat_ages=store.heartbeat_ages, heartbeat_timeout=spec.heartbeat_timeout,
-                               grace=spec.grace)
+                               grace=spec.grace, watch=watch_for(spec, store))
         for rel in fetch:
             copied = _fetch_tree(by_name[rank0], posixpath.join(job_dir[rank0], rel), spec.run_dir / rel)
             if copied:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -13,13 +13,14 @@ from rich.text import Text
 
 
 class RankState(Enum):
-    """Where a rank is in its life; the last four are final."""
+    """Where a rank is in its life; the last five are final."""
 
     PENDING = "pending"  # not started (yet)
     RUNNING = "running"
     SUCCEEDED = "succeeded"  # exited 0
     FAILED = "failed"  # exited non-zero, was killed by a signal we did not send, or could not start
     LOST = "lost"  # its SSH channel dropped, or its heartbeats stopped
+    STUCK = "stuck"  # no rank made progress for the progress timeout, and this one is furthest behind
     KILLED = "killed"  # we stopped it: another rank failed, or Ctrl-C
 
 
@@ -36,6 +37,7 @@ class RankResult:
     reason: str
     last_lines: list[str]
     log_path: Path
+    detected_after: float | None = None  # LOST/STUCK: seconds of silence or stall before it was declared
 
 
 @dataclass
@@ -46,6 +48,15 @@ class RunResult:
     ranks: list[RankResult]
     interrupted: bool
     first_failure: RankResult | None
+    progress: dict[int, dict] = field(default_factory=dict)  # each rank's last progress report (step, doing)
+    stopped_gracefully: bool = False  # the ranks were asked to checkpoint and stop, and they did
+    leaving: dict[str, str] = field(default_factory=dict)  # hosts that asked to leave (battery), with why
+
+    @property
+    def last_step(self) -> int | None:
+        """The furthest step any rank reported finishing (None: no rank reported progress)."""
+        steps = [p["step"] for p in self.progress.values() if isinstance(p.get("step"), int)]
+        return max(steps) if steps else None
 
 
 def describe_exit(code: int) -> str:
@@ -58,9 +69,10 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
-_STATE_ORDER = {RankState.FAILED: 0, RankState.LOST: 0, RankState.KILLED: 1, RankState.PENDING: 2,
-                RankState.RUNNING: 2, RankState.SUCCEEDED: 3}
-_STATE_STYLE = {RankState.FAILED: "bold red", RankState.LOST: "bold red", RankState.KILLED: "yellow",
+_STATE_ORDER = {RankState.FAILED: 0, RankState.LOST: 0, RankState.STUCK: 0, RankState.KILLED: 1,
+                RankState.PENDING: 2, RankState.RUNNING: 2, RankState.SUCCEEDED: 3}
+_STATE_STYLE = {RankState.FAILED: "bold red", RankState.LOST: "bold red", RankState.STUCK: "bold red",
+                RankState.KILLED: "yellow",
                 RankState.SUCCEEDED: "green", RankState.PENDING: "dim", RankState.RUNNING: "dim"}
 
 

@@ -67,12 +67,13 @@ else:
     report["reduced"] = {k: np.array(v).tolist() for k, v in reduced.items()}
 
     class Recording(DDPStrategy):
-        def after_step(self, model, optimizer, step, *, last=False):
-            super().after_step(model, optimizer, step, last=last)
+        def after_step(self, model, optimizer, step, *, last=False, stop=False):
+            agreed = super().after_step(model, optimizer, step, last=last, stop=stop)
             if mode == "diverge" and rank == 1 and step == 2:  # a bug that lets rank 1 drift
                 model.update({"ln_f": {"weight": model.ln_f.weight * 1.01}})
             if last:
                 np.savez(out / f"weights{rank}.npz", **{k: np.array(v) for k, v in tree_flatten(model.parameters())})
+            return agreed
 
     strategy = Recording(group)
 try:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from distributed.checkpoint import latest_checkpoint
-from distributed.compress import wire_bytes
+from distributed.compress import ring_bytes, wire_bytes
 from distributed.config import config_from_dict
 from distributed.data import prepare_data
 from tests.integration.test_ddp import finish, start_ranks
@@ -77,10 +77,10 @@ def bound(deltas, valid):
 
 
 class Checked(DiLoCoStrategy):
-    def after_step(self, model, optimizer, step, *, last=False):
+    def after_step(self, model, optimizer, step, *, last=False, stop=False):
         if rank == 1 and step == nan_step:
             model.update({"ln_f": {"weight": model.ln_f.weight * float("nan")}})
-        super().after_step(model, optimizer, step, last=last)
+        return super().after_step(model, optimizer, step, last=last, stop=stop)
 
     def sync(self, model, optimizer, step):
         theta, v = np.array(self.params), np.array(self.momentum)
@@ -161,10 +161,13 @@ def test_rounds_match_the_numpy_reference(tmp_path: Path, data_dir: Path, dtype:
         assert np.isfinite(reports[1]["loss"])  # its AdamW moments were reset along with its weights
     else:
         assert valid == [2, 2, 2]
-    # Bytes: rank 0's initial broadcast of weights and momentum, one exchange per round, a replica check per eval.
+    # Bytes: rank 0's initial broadcast of weights and momentum, one exchange and one 4-byte stop vote per
+    # round, a replica check per eval.
     rep = reports[0]
     checks = ROUNDS * (2 * rep["tensors"]) * 2 * 4
-    assert rep["bytes_sent"] == 2 * 4 * rep["params"] + ROUNDS * wire_bytes(rep["params"], 2, dtype) + checks
+    votes = ROUNDS * ring_bytes(4, 2)
+    assert rep["bytes_sent"] == (2 * 4 * rep["params"] + ROUNDS * wire_bytes(rep["params"], 2, dtype) + checks
+                                 + votes)
     assert rep["comm_seconds"] > 0
 
 
