@@ -383,7 +383,8 @@ class Wizard:
         self.out.print(f"the same launch again, without the wizard:\n  [bold]{escape(plan.command(self.cwd))}[/]")
         hosts = load_hosts(plan.launch_hosts_file, check_files=False)
         result = train_job(plan.run_config, [], hosts=hosts, link=plan.link_mode,
-                           emit=lambda line: self.out.print(line, markup=False))
+                           emit=lambda line: self.out.print(line, markup=False),
+                           resume_command=f"{plan.command(self.cwd)} --resume")
         if result.exit_code != 0:
             self.out.print(render_failure_table(result))
             return result.exit_code

@@ -172,10 +172,15 @@ def save_checkpoint(ckpt_root: Path, step: int, groups: dict[str, dict[str, mx.a
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    for _, old in _step_dirs(ckpt_root)[:-keep]:
-        if old != final:
-            _remove(old)
+    prune_checkpoints(ckpt_root, keep, spare=final)
     return final
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int, *, spare: Path | None = None) -> None:
+    """Delete all but the newest `keep` step_* folders (never `spare`); each goes by rename-then-delete."""
+    for _, old in _step_dirs(Path(ckpt_root))[:-keep]:
+        if old != spare:
+            _remove(old)
 
 
 # ---------------------------------------------------------------------------------------------

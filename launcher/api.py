@@ -50,6 +50,8 @@ class LaunchSpec:
     progress_timeout: float | None = None  # ranks report progress (training): the watchdog's timeout, 0 = auto
     graceful_stop: bool = False  # the first Ctrl-C asks the ranks to checkpoint and stop (training)
     min_battery: float = 20.0  # refuse a host on battery below this percentage (0: never)
+    keep_checkpoints: int = 3  # checkpoints copied back while the run goes: keep the newest this many
+    rejoin: Callable[[], list[str]] | None = None  # names dropped hosts that answer again (fault.rejoin)
 
 
 def watch_for(spec: LaunchSpec, store: StoreServer) -> Watch:
@@ -57,7 +59,8 @@ def watch_for(spec: LaunchSpec, store: StoreServer) -> Watch:
     if spec.progress_timeout is None:
         return Watch()
     return Watch(progress=store.progress_report, timeout=spec.progress_timeout,
-                 request_stop=(lambda: store.request(stop=True)) if spec.graceful_stop else None)
+                 request_stop=(lambda: store.request(stop=True)) if spec.graceful_stop else None,
+                 rejoin=spec.rejoin)
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

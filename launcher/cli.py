@@ -86,7 +86,7 @@ def _check_link(link: str) -> str:
 def _finish(result: Any) -> None:
     from launcher.job import render_failure_table
 
-    if result.exit_code != 0:
+    if result.exit_code != 0 and not getattr(result, "stopped_gracefully", False):
         err.print(render_failure_table(result))
     raise typer.Exit(result.exit_code)
 
@@ -102,20 +102,42 @@ def train(
                                                 "with a checkpoint (resume later with --resume).")] = None,
     link: LinkOpt = "auto",
     accept_new_host_keys: TrustOpt = False,
+    max_restarts: Annotated[int | None, typer.Option("--max-restarts", min=0, help="Restarts after a failure (a "
+                                                     "crashed rank, a lost host, a stuck run), each from the last "
+                                                     "checkpoint on the hosts still there (fault.max_restarts, "
+                                                     "default 3).")] = None,
+    min_hosts: Annotated[int | None, typer.Option("--min-hosts", min=1, help="Stop (exit 4, checkpoint kept) "
+                                                  "rather than go on with fewer hosts (fault.min_hosts, "
+                                                  "default 1).")] = None,
 ) -> None:
     """Train a model: one rank per host slot (or --nproc local ranks); checkpoints and logs in runs/<name>.
 
+    A failure restarts the run from its last checkpoint on the hosts that remain (--max-restarts). The first Ctrl-C saves a checkpoint at the next sync and stops; a second stops at once.
+
     Examples: macrun train configs/quickstart.yaml · macrun train --nproc 2 configs/quickstart.yaml --set train.steps=200 · macrun train --hosts hosts.json configs/small.yaml --resume
     """
+    overrides = list(set_ or [])
+    if max_restarts is not None:
+        overrides.append(f"fault.max_restarts={max_restarts}")
+    if min_hosts is not None:
+        overrides.append(f"fault.min_hosts={min_hosts}")
     with user_errors():
         from launcher.display import TrainingDisplay
         from launcher.training import train_job
 
         with TrainingDisplay(out) as display:
-            result = train_job(config, set_ or [], hosts=_load_hosts(hosts), nproc=nproc, resume=resume,
+            result = train_job(config, overrides, hosts=_load_hosts(hosts), nproc=nproc, resume=resume,
                                stop_at=stop_at, accept_new_host_keys=accept_new_host_keys, link=_check_link(link),
-                               emit=display.emit)
+                               emit=display.emit, resume_command=_resume_command())
     _finish(result)
+
+
+def _resume_command() -> str:
+    """The command that continues this run: the one typed, with --resume."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    return "macrun " + shlex.join([*args, "--resume"])
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -103,6 +103,7 @@ class _Monitor:
         self.watch = watch or Watch()
         self.graceful_requested = False
         self.leaving: dict[str, str] = {}  # host -> why it must leave (its ranks reported it)
+        self.rejoining: list[str] = []  # dropped hosts that answer again (fault.rejoin)
         self.events: queue.Queue[tuple[str, int, int | None]] = queue.Queue()
         self.emit_lock = threading.Lock()
         # A token only this run knows marks the shim's own report lines, so no rank output can fake one.
@@ -276,8 +277,8 @@ class _Monitor:
         elif r.exited_at is None and kind == "exit":
             assert value is not None
             r.exited_at, r.exit_code = now, value
-            if r.state is RankState.LOST:
-                pass  # lost first (heartbeats): that stays the cause
+            if r.state in (RankState.LOST, RankState.STUCK):
+                pass  # lost (heartbeats) or stuck (watchdog) first: that stays the cause
             elif r.stop_sent:
                 r.state = RankState.KILLED
             elif value == 0:
@@ -324,6 +325,13 @@ class _Monitor:
                     self.watch.request_stop()
                     self._notice("stopping: every rank saves a checkpoint at its next sync; the run then goes on "
                                  "without that Mac")
+        if self.watch.rejoin is not None and not self.rejoining and not self.graceful_requested:
+            self.rejoining = self.watch.rejoin()
+            if self.rejoining and self.watch.request_stop is not None:
+                self.graceful_requested = True
+                self.watch.request_stop()
+                self._notice(f"{', '.join(self.rejoining)} answer{'s' if len(self.rejoining) == 1 else ''} again: "
+                             "every rank saves a checkpoint at its next sync, then the run goes on with it")
         if self.graceful_requested:
             return
         live = [r for r in self.ranks.values() if r.state is RankState.RUNNING and r.exited_at is None]
@@ -405,7 +413,7 @@ class _Monitor:
         elif r.state is RankState.KILLED and not r.reason:
             code = f", {describe_exit(r.exit_code)}" if r.exit_code is not None else ""
             r.reason = f"stopped by macrun: {self.teardown_reason}{code}"
-        elif r.state is RankState.LOST and r.exit_code is not None:
+        elif r.state in (RankState.LOST, RankState.STUCK) and r.exit_code is not None:
             r.reason += f"; then {describe_exit(r.exit_code)}"
 
     def _notice(self, message: str) -> None:
@@ -442,7 +450,7 @@ class _Monitor:
                     and all(r.state is RankState.SUCCEEDED for r in results.values()))
         return RunResult(exit_code=code, ranks=list(results.values()), interrupted=self.interrupted,
                          first_failure=first, progress=progress, stopped_gracefully=graceful,
-                         leaving=dict(self.leaving))
+                         leaving=dict(self.leaving), rejoining=list(self.rejoining))
 
 
 def run_ranks(

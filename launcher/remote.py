@@ -10,7 +10,6 @@ import json
 import posixpath
 import secrets
 import shlex
-import stat
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +20,13 @@ from typing import Any
 from rich.console import Console
 
 from distributed.env import RankEnv
-from distributed.errors import HostError
+from distributed.errors import HostError, MacrunError
 from distributed.links import Link
 from distributed.store import new_secret
 from distributed.store_server import StoreServer
 from distributed.topology import RingHost, plan_ring
 from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, linux_rank_env, ring_hostfile, watch_for
+from launcher.fetch import CheckpointFetcher, fetch_tree
 from launcher.hosts import HostSpec, layout_ranks
 from launcher.job import RankSpec, RunResult, run_ranks
 from launcher.preflight import HostFacts, Problem, check_hosts, probe_hosts, render_preflight, run_preflight
@@ -73,27 +73,6 @@ def _free_ports(conn: SSHConnection, count: int) -> list[int]:
 
 def _job_dir(host: HostSpec, name: str) -> str:
     return posixpath.join(host.workdir.rstrip("/") or "/", "jobs", name)
-
-
-def _fetch_tree(conn: SSHConnection, remote: str, local: Path) -> int:
-    """Copy a remote file or folder to `local` over SFTP; returns the number of files copied."""
-    sftp = conn.sftp()
-    try:
-        attrs = sftp.stat(remote)
-    except OSError:
-        return 0
-    if not stat.S_ISDIR(attrs.st_mode or 0):
-        local.parent.mkdir(parents=True, exist_ok=True)
-        partial = local.with_name(f".{local.name}.part")
-        sftp.get(remote, str(partial))
-        partial.replace(local)
-        return 1
-    copied = 0
-    for entry in sftp.listdir_attr(remote):
-        if entry.filename.startswith(".tmp-"):
-            continue  # a checkpoint still being written
-        copied += _fetch_tree(conn, posixpath.join(remote, entry.filename), local / entry.filename)
-    return copied
 
 
 def _prepare_hosts(
@@ -211,11 +190,28 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                  f"from connecting: connect {t['connect']:.2f} s, probe {t['probe']:.2f} s with ports "
                  f"{t['ports']:.2f} s and sync {t['sync']:.2f} s alongside, hostfile {t['hostfile']:.2f} s)")
             launchers = {h.name: SSHLauncher(by_name[h.name], job_dir[h.name]) for h in hosts}
-            result = run_ranks(specs, launchers=launchers, log_dir=spec.run_dir / "logs", emit=emit,
-                               heartbeat_ages=store.heartbeat_ages, heartbeat_timeout=spec.heartbeat_timeout,
-                               grace=spec.grace, watch=watch_for(spec, store))
+            fetcher = (CheckpointFetcher(by_name[rank0], job_dir[rank0], spec.run_dir, spec.keep_checkpoints, emit)
+                       if "checkpoints" in fetch else None)
+
+            def emit_line(line: str) -> None:
+                if fetcher is not None:
+                    fetcher.saw(line)
+                emit(line)
+
+            try:
+                result = run_ranks(specs, launchers=launchers, log_dir=spec.run_dir / "logs", emit=emit_line,
+                                   heartbeat_ages=store.heartbeat_ages, heartbeat_timeout=spec.heartbeat_timeout,
+                                   grace=spec.grace, watch=watch_for(spec, store))
+            finally:
+                if fetcher is not None:
+                    fetcher.close()
         for rel in fetch:
-            copied = _fetch_tree(by_name[rank0], posixpath.join(job_dir[rank0], rel), spec.run_dir / rel)
+            try:
+                copied = fetch_tree(by_name[rank0], posixpath.join(job_dir[rank0], rel), spec.run_dir / rel,
+                                    lock=fetcher.lock if fetcher else None)
+            except (OSError, MacrunError) as exc:  # rank 0's host may be the one that went away
+                emit(f"warning: could not copy {rel} back from {rank0}: {exc}")
+                continue
             if copied:
                 emit(f"fetched {rel} from {rank0} ({copied} file(s)) into {spec.run_dir / rel}")
         return result

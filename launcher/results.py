@@ -51,6 +51,7 @@ class RunResult:
     progress: dict[int, dict] = field(default_factory=dict)  # each rank's last progress report (step, doing)
     stopped_gracefully: bool = False  # the ranks were asked to checkpoint and stop, and they did
     leaving: dict[str, str] = field(default_factory=dict)  # hosts that asked to leave (battery), with why
+    rejoining: list[str] = field(default_factory=list)  # dropped hosts that answered again (fault.rejoin)
 
     @property
     def last_step(self) -> int | None:

@@ -12,7 +12,8 @@ from distributed.checkpoint import latest_checkpoint
 from distributed.config import Config, load_config
 from distributed.data import prepare_data
 from distributed.errors import ConfigError
-from launcher.api import LaunchSpec, launch
+from launcher.api import LaunchSpec
+from launcher.elastic import train_elastic
 from launcher.hosts import HostSpec
 from launcher.job import RunResult
 
@@ -59,8 +60,19 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
 def train_job(config_path: str | Path, overrides: Sequence[str] = (), *, hosts: Sequence[HostSpec] | None = None,
               nproc: int = 1, resume: bool = False, stop_at: int | None = None,
               accept_new_host_keys: bool = False, link: str = "auto",
-              emit: Callable[[str], None] = print) -> RunResult:
-    """Train a config on local ranks or on hosts; returns the run's result (exit code included)."""
-    _cfg, spec = plan_training(config_path, overrides, hosts=hosts, nproc=nproc, resume=resume,
-                               stop_at=stop_at, emit=emit)
-    return launch(replace(spec, accept_new_host_keys=accept_new_host_keys, link=link), emit=emit)
+              emit: Callable[[str], None] = print, resume_command: str | None = None) -> RunResult:
+    """Train a config on local ranks or on hosts, restarting after faults as `fault.*` allows; returns the
+    last attempt's result (exit code included; see launcher.elastic)."""
+    cfg = load_config(config_path, overrides)
+    first = True
+
+    def plan(active: Sequence[HostSpec] | None, again: bool) -> LaunchSpec:
+        nonlocal first
+        _cfg, spec = plan_training(config_path, overrides, hosts=active, nproc=nproc, resume=again,
+                                   stop_at=stop_at, emit=emit if first else (lambda _line: None))
+        first = False
+        return replace(spec, link=link)
+
+    command = resume_command or f"macrun train {'--hosts <hosts file> ' if hosts else ''}{config_path} --resume"
+    return train_elastic(cfg, plan, hosts=hosts, resume=resume, accept_new_host_keys=accept_new_host_keys,
+                         emit=emit, resume_command=command)

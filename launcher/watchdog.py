@@ -30,6 +30,7 @@ class Watch:
     progress: Callable[[], dict[int, dict]] | None = None
     timeout: float = 0.0
     request_stop: Callable[[], None] | None = None
+    rejoin: Callable[[], list[str]] | None = None  # dropped hosts that answer again: stop at a sync to take them back
 
     def timeout_for(self, reports: Iterable[Mapping]) -> float:
         """The progress timeout in force, given the ranks' reports."""
