@@ -49,8 +49,8 @@ def _describe(e: dict[str, Any]) -> str:
         return f"{e['host']} taken back" + (f" ({e['reason']})" if e.get("reason") else "")
     if kind == "restart":
         redone = f", {e['steps_redone']} step(s) redone" if e.get("steps_redone") is not None else ""
-        return (f"restart {e['restart']} of {e['max_restarts']}: {e['world_size']} rank(s) from step "
-                f"{e.get('from_step') or 0}{redone}")
+        what = "planned restart (no fault)" if e.get("planned") else f"restart {e['restart']} of {e['max_restarts']}"
+        return f"{what}: {e['world_size']} rank(s) from step {e.get('from_step') or 0}{redone}"
     if kind == "end":
         return e.get("outcome", "")
     return ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("time", "event"))

@@ -89,7 +89,12 @@ def find_stuck(reports: Mapping[int, Mapping], ranks: Sequence[int],
     for r in culprits:
         p = mine[r]
         where[r] = f"step {p['step']}, doing {p.get('doing', '?')}"
-        reasons[r] = (f"stuck: no rank finished a step for {stalled:.0f} s (timeout {timeout:.0f} s); this rank is "
-                      f"furthest behind at step {p['step']} with {p.get('collectives', 0)} collectives entered, "
-                      f"last doing: {p.get('doing', '?')}{waiting}")
+        if others:
+            reasons[r] = (f"stuck: no rank finished a step for {stalled:.0f} s (timeout {timeout:.0f} s); this rank "
+                          f"is furthest behind at step {p['step']} with {p.get('collectives', 0)} collectives "
+                          f"entered, last doing: {p.get('doing', '?')}{waiting}")
+        else:  # every rank entered the same collective and none came out: the link (or the backend) failed
+            reasons[r] = (f"stuck: no rank finished a step for {stalled:.0f} s (timeout {timeout:.0f} s); every rank "
+                          f"is in the same collective at step {p['step']} ({p.get('doing', '?')}): a link between "
+                          f"them stopped carrying data")
     return Stuck(stalled=stalled, timeout=timeout, culprits=culprits, reasons=reasons, where=where)

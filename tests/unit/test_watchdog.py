@@ -42,3 +42,11 @@ def test_automatic_timeout_scales_with_the_steps() -> None:
     assert auto([rep(1, 1, 0, step_s=0.5), rep(1, 1, 0, step_s=5.0, max_step_s=6.0)]) == 100.0  # 20 x median
     assert auto([rep(1, 1, 0, step_s=1.0, max_step_s=45.0)]) == 135.0  # a slow sync: 3 x the longest step
     assert Watch(timeout=7).timeout_for([rep(1, 1, 0, step_s=100.0)]) == 7  # a set timeout is the timeout
+
+
+def test_every_rank_in_the_same_collective_blames_the_link_not_a_rank() -> None:
+    reports = {r: rep(50, 51, 6.0, "gradient all_sum of step 51") for r in range(3)}
+    stuck = find_stuck(reports, [0, 1, 2], Watch(timeout=5).timeout_for)
+    assert stuck is not None and stuck.culprits == [0, 1, 2]
+    assert "every rank is in the same collective at step 50 (gradient all_sum of step 51)" in stuck.reasons[0]
+    assert "a link between them stopped carrying data" in stuck.reasons[0]
