@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import secrets
 import selectors
 import socket
@@ -147,6 +148,19 @@ class _Table:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+
+
+def _valid_progress(p: Any) -> bool:
+    """A rank's progress report, as distributed.progress.Progress.snapshot makes it (the watchdog reads it)."""
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def seconds(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0)
+
+    return (isinstance(p, dict) and integer(p.get("step")) and integer(p.get("collectives", 0))
+            and isinstance(p.get("doing", ""), str) and isinstance(p.get("leave", ""), str)
+            and seconds(p.get("step_s")) and seconds(p.get("max_step_s")))
 
 
 def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], low: float | None = None) -> Any:
@@ -327,9 +341,9 @@ class StoreServer:
                 return {"ok": True}, None
             if op == "heartbeat":
                 progress = h.get("progress")
-                if progress is not None and not (isinstance(progress, dict) and isinstance(progress.get("step"), int)
-                                                 and not isinstance(progress.get("step"), bool)):
-                    raise _OpError("bad_request", "heartbeat progress must be an object with an integer step")
+                if progress is not None and not _valid_progress(progress):
+                    raise _OpError("bad_request", "heartbeat progress must be an object with integer step and "
+                                                  "collectives, text doing, and step_s/max_step_s numbers or null")
                 control = t.heartbeat(_field(h, "rank", int, 0), progress)
                 return {"ok": True, "control": control}, None
             raise _OpError("bad_request", f"unknown op {op!r}")

@@ -18,6 +18,7 @@ Every attempt, fault, restart and host lost or regained is appended to runs/<nam
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from io import StringIO
@@ -35,6 +36,7 @@ from launcher.results import RankState, RunResult
 from launcher.survey import RejoinWatcher, survey
 
 EXIT_TOO_FEW_HOSTS = 4
+_STEP_LINE = re.compile(r"^\[rank 0 [^\]]*\] step (\d+)/\d+ ")
 # Exit codes of rank-side user errors (config, data, env contract: 2) and of hosts that cannot be prepared
 # (3): a restart would fail the same way.
 NOT_RESTARTABLE = (2, 3)
@@ -88,6 +90,14 @@ def train_elastic(cfg: Config, plan: Callable[[Sequence[HostSpec] | None, bool],
     `plan(hosts, resume)` builds one attempt's LaunchSpec (see launcher.training.plan_training).
     """
     fault = cfg.fault
+    furthest = [0]  # the highest step a rank-0 progress line showed in this attempt (heartbeats lag up to 2 s)
+
+    def watch_lines(line: str) -> None:
+        match = _STEP_LINE.match(line)
+        if match:
+            furthest[0] = max(furthest[0], int(match.group(1)))
+        emit(line)
+
     all_hosts = list(hosts or [])
     active: list[HostSpec] | None = list(all_hosts) if all_hosts else None
     dropped: dict[str, str] = {}
@@ -106,8 +116,9 @@ def train_elastic(cfg: Config, plan: Callable[[Sequence[HostSpec] | None, bool],
         world = sum(h.slots for h in active) if active else spec.nproc
         events.write("start", attempt=attempt, hosts=[h.name for h in active] if active else None,
                      world_size=world, from_step=from_step)
+        furthest[0] = 0
         try:
-            result: RunResult | None = launch(spec, emit=emit)
+            result: RunResult | None = launch(spec, emit=watch_lines)
         except HostError as exc:
             if attempt == 1:
                 raise  # nothing has run yet: the user's error, as one line
@@ -116,11 +127,12 @@ def train_elastic(cfg: Config, plan: Callable[[Sequence[HostSpec] | None, bool],
         finally:
             if watcher is not None:
                 watcher.close()
+        last = max(furthest[0], result.last_step or 0) if result is not None else furthest[0]
         if result is not None:
             outcome = _classify(result)
             if outcome.kind == "fault":
                 events.write("fault", attempt=attempt, cause=outcome.cause, rank=outcome.rank, host=outcome.host,
-                             reason=outcome.reason, detected_after_s=outcome.detected_after, step=result.last_step)
+                             reason=outcome.reason, detected_after_s=outcome.detected_after, step=last or None)
         if outcome.kind in ("done", "final") or (outcome.kind == "fault" and restarts >= fault.max_restarts):
             assert result is not None or outcome.kind == "fault"
             return _finish(result, outcome, events, emit, restarts, fault.max_restarts, resume_command, spec.run_dir)
@@ -144,14 +156,13 @@ def train_elastic(cfg: Config, plan: Callable[[Sequence[HostSpec] | None, bool],
             dropped, active = found.dropped, found.usable
             if len(active) < max(1, fault.min_hosts):
                 return _too_few(result, events, emit, len(active), fault.min_hosts, resume_command, spec.run_dir)
-        last = result.last_step if result is not None else None
         from_step = _latest_step(spec.run_dir)
         attempt += 1
         spec = plan(active, True)
         events.write("restart", restart=restarts, max_restarts=fault.max_restarts, planned=outcome.kind == "planned",
                      hosts=[h.name for h in active] if active else None,
                      world_size=sum(h.slots for h in active) if active else spec.nproc, from_step=from_step,
-                     steps_redone=max(0, last - from_step) if last is not None else None)
+                     steps_redone=max(0, last - from_step) if last else None)
         emit(f"[macrun] {'continuing' if outcome.kind == 'planned' else f'restart {restarts} of {fault.max_restarts}'}"
              f": {len(active) if active else spec.nproc} {'host' if active else 'rank'}(s), from the checkpoint at "
              f"step {from_step}")

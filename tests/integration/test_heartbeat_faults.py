@@ -148,9 +148,12 @@ def test_without_a_launcher_timeout_the_thread_stops_quietly(server: StoreServer
     assert "rank 5 stopped its heartbeat" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("progress", [{"step": "3"}, {"step": True}, {"step": 1.5}, {"doing": "x"}, [1, 2], "step 3"])
+@pytest.mark.parametrize("progress", [{"step": "3"}, {"step": True}, {"step": 1.5}, {"doing": "x"}, [1, 2], "step 3",
+                                      {"step": 3, "collectives": "x"}, {"step": 3, "step_s": float("nan")},
+                                      {"step": 3, "doing": 7}, {"step": -1}])
 def test_a_malformed_progress_gets_a_clear_error(server: StoreServer, client: StoreClient, progress: Any) -> None:
-    with pytest.raises(RendezvousError, match="heartbeat progress must be an object with an integer step"):
+    # Everything the watchdog reads is checked at the door: a bad report must not reach find_stuck.
+    with pytest.raises(RendezvousError, match="heartbeat progress must be an object with integer step and collectives"):
         client.heartbeat(2, progress)
     assert 2 not in server.progress_report()
     # The same connection still works, and the server still serves others.
