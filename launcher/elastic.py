@@ -71,6 +71,11 @@ def _classify(result: RunResult) -> _Outcome:
     return outcome
 
 
+def _is_connection_error(exc: BaseException) -> bool:
+    """paramiko's errors (a host that went away mid-launch), told apart without importing paramiko here."""
+    return any(cls.__module__.startswith("paramiko") for cls in type(exc).__mro__) or isinstance(exc, EOFError)
+
+
 def _latest_step(run_dir: Path) -> int:
     found, _ = latest_checkpoint(run_dir / "checkpoints")
     return found.step if found is not None else 0
@@ -119,11 +124,13 @@ def train_elastic(cfg: Config, plan: Callable[[Sequence[HostSpec] | None, bool],
         furthest[0] = 0
         try:
             result: RunResult | None = launch(spec, emit=watch_lines)
-        except HostError as exc:
-            if attempt == 1:
-                raise  # nothing has run yet: the user's error, as one line
-            events.write("fault", attempt=attempt, cause="launch", reason=exc.message)
-            result, outcome = None, _Outcome("fault", "launch", reason=exc.message)
+        except Exception as exc:
+            if attempt == 1 or not isinstance(exc, (HostError, OSError)) and not _is_connection_error(exc):
+                raise  # the first launch's errors are the user's to read, as one line; a bug stays a bug
+            why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            events.write("fault", attempt=attempt, cause="launch", reason=why)
+            emit(f"[macrun] the restart could not launch: {why}")
+            result, outcome = None, _Outcome("fault", "launch", reason=why)
         finally:
             if watcher is not None:
                 watcher.close()

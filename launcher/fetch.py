@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distributed.checkpoint import TMP_PREFIX, prune_checkpoints
-from distributed.errors import MacrunError
 from launcher.ssh import SSHConnection
 
 _ANNOUNCED = re.compile(r"^\[rank 0 [^\]]*\] checkpoint (?:.*/)?(step_\d{8,})$")
@@ -104,7 +103,8 @@ class CheckpointFetcher:
                 partial.replace(final)
                 self.fetched.append(name)
                 prune_checkpoints(self.root, self.keep)
-        except (OSError, MacrunError) as exc:  # the host may be going away: the end-of-run fetch tries again
+        except Exception as exc:  # noqa: BLE001 - the host may be going away (paramiko, socket or our errors);
+            # the end-of-run fetch tries again
             self.emit(f"[macrun] could not copy {name} from its host yet: {exc}")
         finally:
             shutil.rmtree(partial, ignore_errors=True)

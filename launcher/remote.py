@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from distributed.env import RankEnv
-from distributed.errors import HostError, MacrunError
+from distributed.errors import HostError
 from distributed.links import Link
 from distributed.store import new_secret
 from distributed.store_server import StoreServer
@@ -209,7 +209,7 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
             try:
                 copied = fetch_tree(by_name[rank0], posixpath.join(job_dir[rank0], rel), spec.run_dir / rel,
                                     lock=fetcher.lock if fetcher else None)
-            except (OSError, MacrunError) as exc:  # rank 0's host may be the one that went away
+            except Exception as exc:  # noqa: BLE001 - rank 0's host may be gone: paramiko, socket or our errors
                 emit(f"warning: could not copy {rel} back from {rank0}: {exc}")
                 continue
             if copied:
