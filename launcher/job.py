@@ -332,8 +332,8 @@ class _Monitor:
                 self.watch.request_stop()
                 self._notice(f"{', '.join(self.rejoining)} answer{'s' if len(self.rejoining) == 1 else ''} again: "
                              "every rank saves a checkpoint at its next sync, then the run goes on with it")
-        if self.graceful_requested:
-            return
+        # The watchdog stays on during a graceful stop: the ranks agree to stop in a collective, and a pulled
+        # cable can hang that one as well as any other.
         live = [r for r in self.ranks.values() if r.state is RankState.RUNNING and r.exited_at is None]
         if len(live) != len(self.ranks):
             return  # a rank ended: the run is finishing, or its failure is handled elsewhere
