@@ -357,6 +357,17 @@ class _Monitor:
             for r in self.ranks.values():
                 if r.handle is not None and r.exited_at is None:
                     r.handle.hard_stop(r.pgid, r.shim_pid)
+        waiting = [r for r in self.ranks.values() if not r.final]
+        if (self.teardown_reason is not None and waiting
+                and all(r.state is RankState.LOST and r.exited_at is None for r in waiting)):
+            # Only ranks whose hosts stopped answering are left: no exit will be reported. Their shims stop
+            # them (a lost channel is EOF, a TERM that arrived escalates), a rank cut off from the launcher
+            # ends itself; waiting out the grace period here would only delay the restart.
+            for r in waiting:
+                if r.handle is not None:
+                    r.handle.hard_stop(r.pgid, r.shim_pid)  # in a thread: it may never get through
+                r.exited_at = now
+                self._finish(r, now)
         if self.give_up_at is not None and now >= self.give_up_at:
             for r in self.ranks.values():
                 if not r.final:

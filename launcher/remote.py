@@ -28,7 +28,7 @@ from distributed.topology import RingHost, plan_ring
 from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, linux_rank_env, ring_hostfile, watch_for
 from launcher.fetch import CheckpointFetcher, fetch_tree
 from launcher.hosts import HostSpec, layout_ranks
-from launcher.job import RankSpec, RunResult, run_ranks
+from launcher.job import RankSpec, RankState, RunResult, run_ranks
 from launcher.preflight import HostFacts, Problem, check_hosts, probe_hosts, render_preflight, run_preflight
 from launcher.ranks import SSHLauncher
 from launcher.ssh import SSHConnection, connect_all, shell_quote
@@ -198,13 +198,22 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                     fetcher.saw(line)
                 emit(line)
 
+            result: RunResult | None = None
             try:
                 result = run_ranks(specs, launchers=launchers, log_dir=spec.run_dir / "logs", emit=emit_line,
                                    heartbeat_ages=store.heartbeat_ages, heartbeat_timeout=spec.heartbeat_timeout,
                                    grace=spec.grace, watch=watch_for(spec, store))
             finally:
+                # Rank 0's host out of reach (frozen, cut off): what it wrote since the last copy stays there,
+                # and waiting on SFTP to a dead host would only hold up the restart.
+                rank0_lost = result is not None and any(r.rank == 0 and r.state is RankState.LOST
+                                                        for r in result.ranks)
                 if fetcher is not None:
-                    fetcher.close()
+                    fetcher.close(timeout=0 if rank0_lost else 30)
+        if rank0_lost and fetch:
+            emit(f"warning: {rank0} (rank 0) is out of reach: its output since the last checkpoint copied here "
+                 f"stays there")
+            fetch = ()
         for rel in fetch:
             try:
                 copied = fetch_tree(by_name[rank0], posixpath.join(job_dir[rank0], rel), spec.run_dir / rel,

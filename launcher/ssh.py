@@ -53,6 +53,7 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 KEEPALIVE_S = 15  # lets a dead peer surface as a lost channel instead of a silent hang
+SFTP_TIMEOUT_S = 30.0  # an SFTP request with no answer this long fails (socket.timeout, an OSError)
 _READ_CHUNK = 65536
 
 
@@ -515,6 +516,8 @@ class SSHConnection:
                                     hint="enable the sftp subsystem in the host's sshd_config") from exc
                 if self._sftp is None:
                     raise HostError(f"cannot open SFTP on {self.host.name}: the session was refused")
+                # A host that drops off the network must surface as an error, not hold a transfer for ever.
+                self._sftp.get_channel().settimeout(SFTP_TIMEOUT_S)
             return self._sftp
 
     def put_file(self, local: Path, remote: str, mode: int | None = None) -> None:
