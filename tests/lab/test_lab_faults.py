@@ -144,7 +144,7 @@ def test_a_frozen_rank_is_declared_dead_within_the_heartbeat_timeout_and_the_run
     assert fault["cause"] == "lost" and fault["host"] == "h1", fault
     assert "no heartbeat for" in fault["reason"]
     # Declared dead after the 10 s heartbeat timeout, checked about once a second.
-    assert 10 <= fault["detected_after_s"] <= 13, fault
+    assert 10 <= fault["detected_after_s"] <= 14, fault
     assert "[rank 0 h0] step 100/100" in out[out.index("restart 1 of"):]
     assert all(not lab_pid_alive(pid) for pid in stopped)  # the frozen rank was killed, not left behind
     no_job_processes_left(lab)
