@@ -32,6 +32,7 @@ from distributed.checkpoint import (
 from distributed.progress import SKIP_COLLECTIVE_ENV
 from launcher.job import RankState, RunResult, render_failure_table
 from launcher.training import train_job
+from tests.support.sshd import descendants
 
 pytestmark = [pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,26 +125,6 @@ def rendered(renderable: object) -> str:
     buffer = StringIO()
     Console(file=buffer, width=400, color_system=None, force_terminal=False).print(renderable)
     return buffer.getvalue()
-
-
-def descendants(root: int) -> list[int]:
-    """Every live process below `root` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def worker_pid(rank: int) -> int | None:

@@ -11,6 +11,7 @@ Timeouts are shortened where a test waits on them (fault.progress_timeout), neve
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,6 @@ def test_a_frozen_rank_is_declared_dead_within_the_heartbeat_timeout_and_the_run
     finally:
         for pid in stopped:  # the teardown killed it; SIGCONT is for a test that failed before that
             try:
-                import os
-
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass

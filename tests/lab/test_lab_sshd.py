@@ -11,7 +11,7 @@ import paramiko
 import pytest
 
 from tests.lab.labnet import wait_until
-from tests.support.sshd import SSHD, _descendants, make_client_key, make_ssh_home, start_sshd
+from tests.support.sshd import SSHD, descendants, make_client_key, make_ssh_home, start_sshd
 
 pytestmark = [
     pytest.mark.skipif(not Path(SSHD).exists() or shutil.which("ssh-keygen") is None,
@@ -73,7 +73,7 @@ def test_a_key_not_in_authorized_keys_is_refused(tmp_path: Path) -> None:
 
 def _sleepers(pid: int) -> list[int]:
     found = []
-    for child in _descendants(pid):
+    for child in descendants(pid):
         try:
             if Path(f"/proc/{child}/cmdline").read_bytes() == b"sleep\x0061\x00":
                 found.append(child)

@@ -86,7 +86,7 @@ class SshdHandle:
         if self._stopped:
             return
         self._stopped = True
-        victims = [self.process.pid, *_descendants(self.process.pid)]
+        victims = [self.process.pid, *descendants(self.process.pid)]
         for pid in victims:
             _signal(pid, signal.SIGTERM)
         try:
@@ -285,8 +285,9 @@ def _public_line(key: Path, *, strip_comment: bool = False) -> str:
     return " ".join(line.split()[:2]) if strip_comment else line
 
 
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of `pid`, found by walking /proc (sshd's session children call setsid)."""
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid`, found by walking /proc (sshd's session children call setsid; rank shims
+    start new sessions too)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
