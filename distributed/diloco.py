@@ -57,6 +57,7 @@ class DiLoCoStrategy(Strategy):
 
     name = "diloco"
     tolerates_nonfinite_loss = True  # a diverged rank sits out its round and restarts from theta
+    own_optimizer_state = True  # H steps of AdamW on its own shard: each rank's moments are its own
 
     def __init__(self, group: mx.distributed.Group | None, *, inner_steps: int = 100, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True, exchange_dtype: str = "float32",

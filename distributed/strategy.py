@@ -51,6 +51,9 @@ class Strategy:
     syncs_every_step = False
     # Steps between the points where every rank holds the same weights (DiLoCo's H); None: every step.
     round_steps: int | None = None
+    # Whether each rank's inner optimizer state is its own (DiLoCo) rather than identical everywhere (DDP): then
+    # every rank saves and restores its own beside the checkpoint.
+    own_optimizer_state = False
 
     def reduce_gradients(self, grads: Any) -> Any:
         """Runs inside the compiled train step, between the backward pass and the optimizer."""

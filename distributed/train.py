@@ -136,9 +136,9 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
     if resume and shared:
         start_step, position, optimizer.state, sent = adopt_from_rank0(start_step, position, optimizer.state, group)
         strategy.bytes_sent += sent
-        if strategy.name == "diloco" and not is_main:
+        if strategy.own_optimizer_state and not is_main:
             own = load_rank_state(run_dir, rank, start_step, optimizer.state)
-            if own is not None:  # DiLoCo's inner AdamW state is each rank's own; rank 0's is the fallback
+            if own is not None:  # rank 0's state (just adopted) is the fallback
                 optimizer.state = own
 
     sampler = BatchSampler(data_dir / "train.bin", cfg.data.seq_len, t.batch_size, rank, world_size, cfg.run.seed,
@@ -185,7 +185,7 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
             metrics_file.flush()
 
     def checkpoint(step: int, loss: float, val_loss: float | None) -> Path | None:
-        if strategy.name == "diloco" and world_size > 1 and not is_main:
+        if strategy.own_optimizer_state and world_size > 1 and not is_main:
             save_rank_state(run_dir, rank, step, optimizer.state)
         if not is_main:
             return None
