@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import re
 import threading
+from io import StringIO
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:  # rich.progress costs ~20 ms to import: only training's live display needs it
+    from rich.progress import Progress, TaskID
 
 # "[rank 0 host] step 40/600 · loss 2.345 · val 2.401 · lr 2.9e-03 · 12.3k tok/s · ..."
 _STEP = re.compile(r"^\[rank 0 [^\]]*\] step (\d+)/(\d+) · loss ([0-9.]+)(?: · val ([0-9.]+))?"
@@ -31,6 +35,8 @@ class TrainingDisplay:
 
     def __enter__(self) -> TrainingDisplay:
         if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
             self._progress = Progress(
                 TextColumn("[bold]training[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                 TimeRemainingColumn(), console=self.console, transient=False)
@@ -55,3 +61,11 @@ class TrainingDisplay:
             self._progress.update(self._task, completed=int(step), description=description)
             if val:  # keep evaluation results in the scrollback
                 self.console.print(line, markup=False, highlight=False)
+
+
+def render_text(renderable: object, width: int = 140) -> str:
+    """A rich renderable (a table, a panel) as plain text lines, for `emit`, which takes strings."""
+    buffer = StringIO()
+    Console(file=buffer, width=width, force_terminal=False, color_system=None).print(renderable)
+    return buffer.getvalue().rstrip("\n")
+

@@ -21,15 +21,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from io import StringIO
 from pathlib import Path
-
-from rich.console import Console
 
 from distributed.checkpoint import latest_checkpoint
 from distributed.config import Config
 from distributed.errors import HostError
 from launcher.api import LaunchSpec, launch
+from launcher.display import render_text
 from launcher.events import EventLog, render_summary
 from launcher.hosts import HostSpec
 from launcher.results import RankState, RunResult
@@ -79,12 +77,6 @@ def _is_connection_error(exc: BaseException) -> bool:
 def _latest_step(run_dir: Path) -> int:
     found, _ = latest_checkpoint(run_dir / "checkpoints")
     return found.step if found is not None else 0
-
-
-def _render(renderable: object) -> str:
-    buffer = StringIO()
-    Console(file=buffer, width=140, force_terminal=False, color_system=None).print(renderable)
-    return buffer.getvalue().rstrip("\n")
 
 
 def train_elastic(cfg: Config, plan: Callable[[Sequence[HostSpec] | None, bool], LaunchSpec], *,
@@ -211,5 +203,5 @@ def _too_few(result: RunResult | None, events: EventLog, emit: Callable[[str], N
 
 def _summarise(events: EventLog, emit: Callable[[str], None]) -> None:
     if any(e["event"] in ("fault", "restart", "host_lost", "host_back") for e in events.events):
-        emit(_render(render_summary(events.events)))
+        emit(render_text(render_summary(events.events)))
         emit(f"[macrun] the full account: {events.path}")

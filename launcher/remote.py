@@ -13,11 +13,8 @@ import shlex
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from io import StringIO
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
 
 from distributed.env import RankEnv
 from distributed.errors import HostError
@@ -26,6 +23,7 @@ from distributed.store import new_secret
 from distributed.store_server import StoreServer
 from distributed.topology import RingHost, plan_ring
 from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, linux_rank_env, ring_hostfile, watch_for
+from launcher.display import render_text
 from launcher.fetch import CheckpointFetcher, fetch_tree
 from launcher.hosts import HostSpec, layout_ranks
 from launcher.job import RankSpec, RankState, RunResult, run_ranks
@@ -41,12 +39,6 @@ _FREE_PORTS = (
     "[x.bind(('0.0.0.0',0)) for x in s]\n"
     "print(json.dumps([x.getsockname()[1] for x in s]))\n"
 )
-
-
-def _render(renderable: Any) -> str:
-    buffer = StringIO()
-    Console(file=buffer, width=140, force_terminal=False, color_system=None).print(renderable)
-    return buffer.getvalue().rstrip("\n")
 
 
 def check_hosts_file(hosts: Sequence[HostSpec], *, accept_new_host_keys: bool = False) -> tuple[Any, list[Problem]]:
@@ -144,7 +136,7 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
         files = {**package_files(PACKAGE_DIR, "distributed"), **spec.files}
         (facts, warnings), ports, reports = _prepare_hosts(
             conns, files, {h.name: _job_dir(h, spec.name) for h in hosts}, timings, spec.min_battery)
-        emit(_render(render_preflight(facts, warnings)))
+        emit(render_text(render_preflight(facts, warnings)))
         for w in warnings:
             emit(f"warning: {w.host}: {w.message}")
         job_dir = {name: r.remote_dir for name, r in reports.items()}
