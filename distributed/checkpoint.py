@@ -262,10 +262,12 @@ def _is_abandoned(entry: Path) -> bool:
         return False
 
 
-def latest_checkpoint(ckpt_root: Path) -> tuple[Checkpoint | None, list[str]]:
+def latest_checkpoint(ckpt_root: Path, at_most: int | None = None) -> tuple[Checkpoint | None, list[str]]:
     """The newest checkpoint that verifies, and one warning line per newer one that was skipped.
 
-    Temp folders are never considered; abandoned ones (their writer is gone) are deleted.
+    Temp folders are never considered; abandoned ones (their writer is gone) are deleted. With `at_most`,
+    checkpoints of later steps are deleted unread: the launcher names the step a restart resumes from, and a
+    later one left on a host belongs to an attempt it could not copy back (all ranks must start alike).
     """
     ckpt_root = Path(ckpt_root)
     if not ckpt_root.is_dir():
@@ -275,7 +277,10 @@ def latest_checkpoint(ckpt_root: Path) -> tuple[Checkpoint | None, list[str]]:
             shutil.rmtree(entry, ignore_errors=True)
     skipped: list[tuple[str, str]] = []
     found: Checkpoint | None = None
-    for _, path in reversed(_step_dirs(ckpt_root)):
+    for step, path in reversed(_step_dirs(ckpt_root)):
+        if at_most is not None and step > at_most:
+            _remove(path)
+            continue
         try:
             found = _read(path)
             break

@@ -91,12 +91,12 @@ def _fmt_time(seconds: float) -> str:
 
 
 def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_size: int = 1,
-          strategy: Strategy | None = None, resume: bool = False, stop_at: int | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
+          strategy: Strategy | None = None, resume: bool = False, resume_at: int | None = None,
+          stop_at: int | None = None, log: Callable[[str], None] = print) -> TrainResult:
     """Train `cfg` on this rank's shard of the prepared data in `data_dir`.
 
     `resume` continues from the newest valid checkpoint in `run_dir/checkpoints` (corrupt ones are skipped
-    with a warning). `stop_at` ends the run early at that step (with a checkpoint), as an interruption would.
+    with a warning); `resume_at` caps that at a step the launcher names (see latest_checkpoint). `stop_at` ends the run early at that step (with a checkpoint), as an interruption would.
     """
     t = cfg.train
     strategy = strategy or LocalStrategy()
@@ -114,7 +114,7 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
     # With several ranks only rank 0 reads the checkpoint (it wrote it, maybe on its own host); the others
     # adopt its step and optimizer state below and its weights in strategy.setup.
     if resume and (is_main or not shared):
-        ckpt, warnings = latest_checkpoint(ckpt_root)
+        ckpt, warnings = latest_checkpoint(ckpt_root, at_most=resume_at)
         for w in warnings:
             log(f"warning: {w}")
         if ckpt is None:

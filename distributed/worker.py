@@ -29,6 +29,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", required=True, help="folder for checkpoints and metrics")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    p.add_argument("--resume-at", type=int, default=None, metavar="STEP",
+                   help="continue from the newest valid checkpoint at or before STEP (implies --resume)")
     p.add_argument("--stop-at", type=int, default=None, help="end early at this step (with a checkpoint)")
     return p.parse_args(argv)
 
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         from distributed.train import train
 
         result = train(cfg, data_dir=Path(args.data), run_dir=Path(args.run_dir), rank=rank, world_size=world,
-                       strategy=strategy, resume=args.resume, stop_at=args.stop_at,
+                       strategy=strategy, resume=args.resume or args.resume_at is not None,
+                       resume_at=args.resume_at, stop_at=args.stop_at,
                        log=lambda m: print(m, flush=True))
         if rank == 0:
             val = f"{result.val_loss:.3f}" if result.val_loss is not None else "n/a"

@@ -47,6 +47,9 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
                 emit(f"warning: {w}")
             if latest is not None:
                 files.update({f"checkpoints/{latest.path.name}/{p.name}": p for p in sorted(latest.path.iterdir())})
+            # A host may still hold a later checkpoint of an attempt whose copy never came back: the step
+            # resumed from is the one this machine holds, so the restart's account and the ranks agree.
+            extra = [f"--resume-at={latest.step if latest else 0}"] + extra[1:]
         argv = ["python", "-m", "distributed.worker", "config.yaml", "--data", "data", "--run-dir", "."]
     else:
         files = {}

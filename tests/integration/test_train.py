@@ -82,6 +82,17 @@ def test_resume_equals_a_straight_run(tmp_path: Path, data_dir: Path) -> None:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+def test_resume_at_ignores_a_later_checkpoint(tmp_path: Path, data_dir: Path) -> None:
+    # A restart resumes from the step the launcher names, even where a later checkpoint was left behind.
+    cfg = tiny_config()
+    train(cfg, data_dir=data_dir, run_dir=tmp_path, stop_at=8, log=quiet)
+    lines: list[str] = []
+    result = train(cfg, data_dir=data_dir, run_dir=tmp_path, resume=True, resume_at=5, stop_at=6,
+                   log=lines.append)
+    assert any("resumed from" in line and "step 4" in line for line in lines), lines
+    assert result.step == 6 and not (tmp_path / "checkpoints" / "step_00000008").exists()
+
+
 def test_resume_skips_a_corrupt_checkpoint(tmp_path: Path, data_dir: Path) -> None:
     cfg = tiny_config()
     train(cfg, data_dir=data_dir, run_dir=tmp_path, stop_at=8, log=quiet)

@@ -96,6 +96,18 @@ def test_truncated_file_falls_back_to_previous(tmp_path: Path) -> None:
     assert warnings[0].endswith("; using step_00000100")
 
 
+def test_at_most_names_the_step_and_drops_later_ones(tmp_path: Path) -> None:
+    for step in (100, 200, 300):
+        save_checkpoint(tmp_path, step, _groups(step), {}, keep=5)
+    ckpt, warnings = latest_checkpoint(tmp_path, at_most=250)
+    assert ckpt is not None and ckpt.step == 200 and not warnings
+    _assert_groups_equal(ckpt.groups, _groups(200))
+    # step_300 belonged to an attempt the launcher never saw: gone, so nothing resumes from it later.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000100", "step_00000200"]
+    ckpt, _ = latest_checkpoint(tmp_path, at_most=0)
+    assert ckpt is None and list(tmp_path.iterdir()) == []
+
+
 def test_one_flipped_byte_is_detected(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, 1, _groups(1), {}, keep=3)
     f = path / "optimizer.safetensors"
