@@ -12,6 +12,7 @@ import difflib
 import math
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,53 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
 
+# A config is a few hundred bytes; anything this big is the wrong file (a dataset, /dev/zero), not a config.
+MAX_CONFIG_BYTES = 1 << 20
+# Folder names may be 255 bytes; the run's name also carries suffixes ("-2", ".hosts.json") and sits in
+# remote paths, so it stays well below that.
+MAX_RUN_NAME_CHARS = 100
+MAX_RUN_NAME_BYTES = 200
+# The largest integer a config key takes: what fits a signed 64-bit integer (seeds, steps, sizes).
+MAX_INT = 2**63 - 1
+_YAML_HINT = "a config has sections and keys, e.g. configs/quickstart.yaml; check the indentation and quoting"
+
+
+class _LongNumber:
+    """A YAML integer with more digits than Python turns into an int (its limit is 4,300): kept as its
+    length, so the key it belongs to can be named in the error instead of a ValueError from deep in YAML."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"a {self.digits:,}-digit number"
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, except that an over-long integer becomes a _LongNumber rather than a ValueError."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:  # type: ignore[override]
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            return _LongNumber(sum(c.isdigit() for c in str(node.value)))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """`value` as it appears in an error: its repr, cut short; never raises (a nested or huge value can)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int past Python's 4,300-digit limit, or deep nesting
+        text = "(too large to print)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 def _suggest(key: str, valid: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -169,6 +217,10 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         if type(None) in allowed:
             return None
         raise ConfigError(f"{path}: a value is required")
+    if isinstance(value, _LongNumber) or (isinstance(value, int) and not isinstance(value, bool)
+                                          and abs(value) > MAX_INT):
+        size = repr(value) if isinstance(value, _LongNumber) else f"a {value.bit_length():,}-bit number"
+        raise ConfigError(f"{path}: {size} is too large", hint=f"numbers here are at most {MAX_INT:,}")
     for kind in allowed:
         if kind is bool:
             if isinstance(value, bool):
@@ -190,13 +242,13 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             if isinstance(value, str):
                 return value
     names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
-    raise ConfigError(f"{path}: expected {names}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{path}: expected {names}, got {type(value).__name__} {_show(value)}")
 
 
 def _check(path: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
+        raise ConfigError(f"{path}: {_show(value)} is not one of {', '.join(map(str, choices))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{path}: must be a finite number, got {value!r}")
@@ -215,17 +267,22 @@ def _build(cls: type, data: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        where = f"{path}.{key}" if path else str(key)
+        name = key if isinstance(key, str) else _show(key)
+        where = f"{path}.{name}" if path else name
         if key not in fields:
             prefix = f"{path}." if path else ""
-            raise ConfigError(f"unknown key '{where}'", hint=_suggest(str(key), list(fields), prefix))
+            raise ConfigError(f"unknown key '{where}'", hint=_suggest(name, list(fields), prefix))
         f = fields[key]
         factory = f.default_factory
         if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
             kwargs[key] = _build(factory, value, where)  # type: ignore[arg-type]
         else:
-            kwargs[key] = _coerce(where, value, f.type)
-            _check(where, kwargs[key], f.metadata)
+            try:
+                kwargs[key] = _coerce(where, value, f.type)
+                _check(where, kwargs[key], f.metadata)
+            except ConfigError as exc:
+                exc.hint = exc.hint or f"{where}: {f.metadata.get('help', '')} (every key: macrun config keys)"
+                raise
     return cls(**kwargs)
 
 
@@ -238,23 +295,62 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model: head width n_embd/n_head = {embd // head} must be even")
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"train.min_lr ({cfg.train.min_lr}) must not exceed train.lr ({cfg.train.lr})")
-    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
-        raise ConfigError(f"run.name: {cfg.run.name!r} is not a valid folder name")
+    validate_run_name(cfg.run.name)
+
+
+def validate_run_name(name: str, *, what: str = "run.name") -> str:
+    """Check that `name` can be a run's folder (<output_dir>/<name> here, <workdir>/jobs/<name> on the hosts)
+    and return it unchanged; `what` names where it came from in the error ("run.name", "--name").
+
+    Refused: empty names, "." and "..", path separators (so no absolute or nested paths), a leading "-"
+    (it reads as an option to the commands that handle the folder), spaces at either end, control and
+    invisible format characters, and names over MAX_RUN_NAME_CHARS characters or MAX_RUN_NAME_BYTES bytes.
+    """
+    hint = "use letters, digits, '-', '_' and '.', e.g. quickstart-2"
+    if not isinstance(name, str):
+        raise ConfigError(f"{what}: expected a name, got {type(name).__name__} {_show(name)}", hint=hint)
+    problem = None
+    if not name.strip():
+        problem = "is empty"
+    elif name in (".", ".."):
+        problem = "names the current folder" if name == "." else "names the folder above"
+    elif "/" in name or "\\" in name:
+        problem = "must be a folder name, not a path (it contains a '/' or '\\')"
+    elif any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in name):
+        bad = next(c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs"))
+        problem = f"contains the control character U+{ord(bad):04X}"
+    elif name.startswith("-"):
+        problem = "must not start with '-' (it would read as an option)"
+    elif name != name.strip():
+        problem = "starts or ends with a space"
+    elif len(name) > MAX_RUN_NAME_CHARS:
+        problem, hint = f"is {len(name):,} characters long; the most is {MAX_RUN_NAME_CHARS}", "choose a shorter name"
+    elif len(name.encode("utf-8")) > MAX_RUN_NAME_BYTES:
+        problem = f"takes {len(name.encode('utf-8'))} bytes as UTF-8; the most is {MAX_RUN_NAME_BYTES}"
+        hint = "choose a shorter name"
+    if problem:
+        raise ConfigError(f"{what}: {_show(name, 40)} {problem}", hint=hint)
+    return name
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `train.steps=200` into (['train', 'steps'], 200); the value is read as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form section.key=value",
+        raise ConfigError(f"override {_show(text)} is not of the form section.key=value",
                           hint="for example: --set train.steps=200")
     key, _, raw = text.partition("=")
     parts = [p for p in key.strip().split(".")]
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override '{text}': the key must be section.key, e.g. train.steps")
+        raise ConfigError(f"override {_show(text)}: the key must be section.key, e.g. train.steps",
+                          hint="for example: --set train.steps=200")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {key.strip()}: the value is nested too deeply to read",
+                          hint="config values are single numbers, words or true/false, e.g. "
+                               "--set train.steps=200") from None
     return parts, value
 
 
@@ -277,19 +373,33 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     data: Any = {}
     if path is not None:
         p = Path(path)
+        examples = "pass one of the files in configs/, e.g. configs/quickstart.yaml"
         try:
-            text = p.read_text()
+            with p.open("rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except FileNotFoundError:
-            raise ConfigError(f"config file {p} not found",
-                              hint="pass one of the files in configs/, e.g. configs/quickstart.yaml") from None
+            raise ConfigError(f"config file {p} not found", hint=examples) from None
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}", hint=examples) from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: over {MAX_CONFIG_BYTES >> 20} MiB, too big to be a config",
+                              hint=f"is it the right file? {examples}")
         try:
-            data = yaml.safe_load(text) or {}
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not a text file (byte {raw[exc.start]:#04x} at offset {exc.start} is not "
+                              f"UTF-8)", hint=f"is it the right file? {examples}") from None
+        try:
+            data = _load_yaml(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise ConfigError(f"{p}: not valid YAML{where}") from None
+            if isinstance(exc, yaml.reader.ReaderError):
+                where = f" (character U+{exc.character:04X} at offset {exc.position})" if isinstance(
+                    exc.character, int) else f" (character {exc.character!r} at offset {exc.position})"
+            raise ConfigError(f"{p}: not valid YAML{where}", hint=_YAML_HINT) from None
+        except RecursionError:
+            raise ConfigError(f"{p}: nested too deeply to be a config", hint=_YAML_HINT) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections "
                               f"(run, model, data, train, strategy, fault)")

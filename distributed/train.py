@@ -61,13 +61,17 @@ def lr_at(step: int | mx.array, t: TrainConfig) -> Any:
 @dataclass
 class TrainResult:
     step: int
-    loss: float
+    loss: float  # rank 0's loss on the final step's batch alone (noisy; the checkpoint records it too)
     val_loss: float | None
     tokens: int
     seconds: float
     tokens_per_s: float
     checkpoint: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # rank 0's mean loss over the steps since the previous progress line, first..last step: the figure the
+    # last `step N/M · loss X` line printed. None when the call trained no step (resumed at the end).
+    recent_loss: float | None = None
+    recent_steps: tuple[int, int] | None = None
 
 
 def make_optimizer(cfg: Config) -> optim.AdamW:
@@ -218,6 +222,7 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
     loss_sum, loss_n, window_start, window_tokens = 0.0, 0, time.perf_counter(), 0
     started = time.perf_counter()
     last_loss, val_loss, ckpt_path = float("nan"), None, None
+    recent: tuple[float, int, int] | None = None  # (mean loss, first step, last step) of the last logged window
     step = start_step
     stopped = False
     no_vote, yes_vote = mx.array([0.0]), mx.array([1.0])
@@ -257,6 +262,7 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
                 + (f" · val {val_loss:.3f}" if is_eval else "")
                 + f" · lr {row['lr']:.2e} · {_fmt_count(tps)} tok/s · {_fmt_time(now - started)} elapsed, "
                   f"~{_fmt_time(left)} left")
+            recent = (row["loss"], done - loss_n + 1, done)
             loss_sum, loss_n, window_start, window_tokens = 0.0, 0, time.perf_counter(), 0
         synced = strategy.round_steps is not None and done % strategy.round_steps == 0 and cfg.fault.sync_checkpoints
         if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == end or synced or stopped:
@@ -267,9 +273,12 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
             break
 
     seconds = time.perf_counter() - started
+    if loss_n:  # stopped between progress lines: the steps since the last one
+        recent = (loss_sum / loss_n, step + 2 - loss_n, step + 1)
     trained = (step + 1 - start_step) if end > start_step else 0
     tokens = trained * tokens_per_step * world_size
     if metrics_file:
         metrics_file.close()
     return TrainResult(step=end, loss=last_loss, val_loss=val_loss, tokens=tokens, seconds=seconds,
-                       tokens_per_s=tokens / max(seconds, 1e-9), checkpoint=ckpt_path, history=history)
+                       tokens_per_s=tokens / max(seconds, 1e-9), checkpoint=ckpt_path, history=history,
+                       recent_loss=recent[0] if recent else None, recent_steps=recent[1:] if recent else None)

@@ -13,13 +13,16 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distributed.config import Config, load_config
 from distributed.env import RankEnv
 from distributed.errors import MacrunError, report
 from distributed.progress import PROGRESS
 from distributed.strategy import DDPStrategy, Strategy
+
+if TYPE_CHECKING:
+    from distributed.train import TrainResult
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -132,6 +135,23 @@ def watch_battery(min_percent: float, stop: threading.Event) -> None:
     threading.Thread(target=check, name="battery-watch", daemon=True).start()
 
 
+def done_line(result: TrainResult) -> str:
+    """Rank 0's last line: `done: step N · loss X · val Y · T tok/s over S s (loss: mean of steps A-B)`.
+
+    The loss is the one the last progress line printed (a mean over the steps since the one before), said
+    so, rather than the final batch's alone, which is noisier and read as a different number. Log readers
+    parse `done: step N · loss X · val Y` (tests/lab/test_lab_soak.py), so those pieces keep their places.
+    """
+    loss = f"{result.recent_loss:.3f}" if result.recent_loss is not None else "n/a"
+    val = f"{result.val_loss:.3f}" if result.val_loss is not None else "n/a"
+    line = (f"done: step {result.step} · loss {loss} · val {val} · "
+            f"{result.tokens_per_s:,.0f} tok/s over {result.seconds:.1f} s")
+    if result.recent_steps is not None:
+        first, last = result.recent_steps
+        line += f" (loss: mean of steps {first}-{last})" if first < last else f" (loss: step {last})"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
@@ -160,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                        resume_at=args.resume_at, stop_at=args.stop_at,
                        log=lambda m: print(m, flush=True))
         if rank == 0:
-            val = f"{result.val_loss:.3f}" if result.val_loss is not None else "n/a"
-            print(f"done: step {result.step} · loss {result.loss:.3f} · val {val} · "
-                  f"{result.tokens_per_s:,.0f} tok/s over {result.seconds:.1f} s", flush=True)
+            print(done_line(result), flush=True)
         if heartbeat is not None:
             heartbeat.set()
         if client is not None:

@@ -50,12 +50,33 @@ def _pairs(pairs: list[tuple[str, Any]]) -> _Object:
     return obj
 
 
+class _LongNumber:
+    """A JSON integer with more digits than Python turns into an int (its limit is 4,300): kept as its
+    length, so the field it belongs to can be named in the error instead of a ValueError from json."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"a {self.digits:,}-digit number"
+
+
+def _parse_int(text: str) -> int | _LongNumber:
+    try:
+        return int(text)
+    except ValueError:
+        return _LongNumber(sum(c.isdigit() for c in text))
+
+
 def _got(value: Any) -> str:
-    """The offending value as the user wrote it (JSON spelling), cut short."""
+    """The offending value as the user wrote it (JSON spelling), cut short; never raises."""
     try:
         text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            text = repr(value)
+        except (ValueError, RecursionError):  # an int past Python's 4,300-digit limit, or deep nesting
+            text = "(too large to print)"
     return text if len(text) <= 48 else text[:45] + "..."
 
 
@@ -339,7 +360,10 @@ def _read_json(path: Path) -> Any:
     if not text.strip():
         _fail(source, "is empty", 'it needs at least {"hosts": [{"host": "..."}]}; ' + _EXAMPLE_HINT)
     try:
-        return json.loads(text, object_pairs_hook=_pairs)
+        return json.loads(text, object_pairs_hook=_pairs, parse_int=_parse_int)
+    except RecursionError:
+        _fail(source, "is nested too deeply to be a hosts file (lists or objects inside each other over and "
+              "over)", 'a hosts file is {"hosts": [{"host": ...}, ...]}, two levels deep; ' + _EXAMPLE_HINT)
     except json.JSONDecodeError as exc:
         line = text.splitlines()[exc.lineno - 1].strip() if exc.lineno <= len(text.splitlines()) else ""
         before = text[: exc.pos].rstrip()

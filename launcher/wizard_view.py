@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from launcher.discovery import Candidate
+from launcher.macmodels import describe_mac, mac_model_name
 from launcher.plan import ModelChoice, format_bytes, format_count
 
 
@@ -25,17 +26,18 @@ def _where(c: Candidate) -> str:
 
 
 def candidate_title(c: Candidate) -> str:
-    """One checkbox line: name, address, model, where it was found."""
-    return f"{c.name:<16} {_where(c):<21} {(c.model or ''):<16} {c.source}" + (f"  ({c.note})" if c.note else "")
+    """One checkbox line: name, address, model ("Mac mini (M4, 2024)"), where it was found."""
+    model = mac_model_name(c.model) or ""
+    return f"{c.name:<16} {_where(c):<21} {model:<16} {c.source}" + (f"  ({c.note})" if c.note else "")
 
 
 def candidates_table(candidates: Sequence[Candidate]) -> Table:
-    """Every machine found, with its address, model and source (hosts.json, mDNS or both)."""
+    """Every machine found, with its address, model (name and identifier) and source (hosts.json, mDNS or both)."""
     table = Table(title="machines found", title_justify="left")
     for col in ("name", "address", "model", "source"):
         table.add_column(col)
     for c in candidates:
-        table.add_row(escape(c.name), escape(_where(c)), escape(c.model or "-"),
+        table.add_row(escape(c.name), escape(_where(c)), escape(describe_mac(c.model) or "-"),
                       escape(c.source + (f" — {c.note}" if c.note else "")))
     return table
 

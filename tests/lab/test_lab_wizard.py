@@ -175,7 +175,8 @@ def test_wizard_discovers_selects_two_and_trains_to_a_checkpoint(lab: Lab, term,
     t.wait_for(r"Which machines should train\?.*\n(.*\n)*.*" + re.escape(names[2]))
     screen = t.save("machines")
     for host in lab.hosts:  # all three found over mDNS, with the model their _device-info announces
-        assert re.search(rf"{re.escape(host.mdns_name)}\s+│\s+{re.escape(host.wifi_ip)}\s+│\s+Mac16,10\s+│\s+mDNS",
+        assert re.search(rf"{re.escape(host.mdns_name)}\s+│\s+{re.escape(host.wifi_ip)}\s+│\s+"
+                         r"Mac mini \(M4, 2024\) · Mac16,10\s+│\s+mDNS",
                          screen), screen
     t.keys("Down", "Down", "Space", "Enter")  # untick the third
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed.config import MODEL_SIZES, Config, describe_keys, load_config, parse_override
+from distributed.config import MODEL_SIZES, Config, describe_keys, load_config, parse_override, validate_run_name
 from distributed.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,3 +119,106 @@ def test_every_key_has_help() -> None:
     rows = describe_keys()
     assert len(rows) > 30
     assert all(help_text for _key, help_text, _default in rows)
+
+
+# ---- hostile input: one ConfigError naming the file and the key, never a traceback --------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", ["not a text file", "0x89 at offset 0"]),
+        (b"[" * 5000, ["nested too deeply"]),
+        (b"run:\n  seed: " + b"9" * 5001, ["run.seed", "5,001-digit number is too large"]),
+        (b"run:\n  seed: 0x" + b"f" * 5000, ["run.seed", "20,000-bit number is too large"]),
+        (b"train:\n  lr: 0x" + b"f" * 300, ["train.lr", "too large"]),  # float() of it would overflow
+        (b"? 0x" + b"f" * 5000 + b"\n: 1\n", ["unknown key", "too large to print"]),  # an explicit key
+        (b"run:\n  name: [0x" + b"f" * 5000 + b"]\n", ["run.name", "expected str", "too large to print"]),
+    ],
+    ids=["png", "deep", "long-int", "huge-hex", "float-overflow", "huge-key", "huge-in-list"],
+)
+def test_hostile_config_files_are_one_config_error(tmp_path: Path, content: bytes, fragments: list[str]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and len(message) < 200
+    for fragment in fragments:
+        assert fragment in message
+    assert info.value.hint and info.value.exit_code == 2
+
+
+def test_a_file_too_big_to_be_a_config_is_not_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"# x\n" * (1 << 19))  # 2 MiB of valid YAML
+    with pytest.raises(ConfigError, match="too big to be a config"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("train.steps=" + "[" * 5000, "--set train.steps: the value is nested too deeply"),
+    ("train.steps=" + "9" * 5001, "train.steps: a 5,001-digit number is too large"),
+    ("train.steps=" + str(2**63), "train.steps: a 64-bit number is too large"),
+])
+def test_hostile_overrides_are_one_config_error(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value) and len(str(info.value)) < 200 and info.value.hint
+
+
+def test_type_errors_carry_the_keys_help_as_hint() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.steps=many"])
+    assert "Optimizer steps" in (info.value.hint or "")
+
+
+# ---- run names ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["quickstart", "gpt2-small", "run_2", "v1.2", "my run", "été-ü", "a" * 100, ".x"])
+def test_validate_run_name_accepts_folder_names(name: str) -> None:
+    assert validate_run_name(name) == name
+    assert validate_run_name(name, what="--name") == name
+
+
+@pytest.mark.parametrize(("name", "fragment"), [
+    ("", "is empty"),
+    ("   ", "is empty"),
+    (".", "current folder"),
+    ("..", "folder above"),
+    ("/tmp/x", "not a path"),
+    ("/", "not a path"),
+    ("../escape", "not a path"),
+    ("a/b", "not a path"),
+    ("a\\b", "not a path"),
+    ("-rf", "start with '-'"),
+    (" lead", "starts or ends with a space"),
+    ("trail ", "starts or ends with a space"),
+    ("a\nb", "U+000A"),
+    ("tab\t", "U+0009"),
+    ("nul\x00", "U+0000"),
+    ("esc\x1b[31m", "U+001B"),
+    ("bidi\u202etxt", "U+202E"),
+    ("a" * 101, "101 characters"),
+    ("é" * 101, "101 characters"),
+    ("\U0001f600" * 51, "204 bytes"),
+])
+def test_validate_run_name_refuses_what_is_not_one_folder(name: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_run_name(name, what="--name")
+    message = str(info.value)
+    assert message.startswith("--name: ") and fragment in message
+    assert "\n" not in message and len(message) < 160 and info.value.hint and info.value.exit_code == 2
+
+
+def test_validate_run_name_refuses_a_non_string() -> None:
+    with pytest.raises(ConfigError, match="run.name: expected a name"):
+        validate_run_name(5)  # type: ignore[arg-type]
+
+
+def test_run_name_in_a_config_goes_through_validate_run_name() -> None:
+    with pytest.raises(ConfigError, match=r"run\.name: '\.\.' names the folder above"):
+        load_config(None, ["run.name=.."])
+    with pytest.raises(ConfigError, match="U\\+0007"):
+        load_config(None, ['run.name="bell\\a"'])

@@ -103,6 +103,14 @@ BAD_FILES: list[tuple[str, Any, list[str]]] = [
     ("mlx-bad-ip", [{"ssh": "a", "ips": ["10.0.0"]}], ['field "ips"', "10.0.0"]),
     ("mlx-split-repeats", [{"ssh": "a"}, {"ssh": "b"}, {"ssh": "a"}], ['entry [2] ("a")', 'field "ssh"']),
     ("mlx-empty", [], ["non-empty list"]),
+    # Hostile input: RecursionError and Python's 4,300-digit int limit became tracebacks before.
+    ("nested-100000-deep", "[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
+    ("entry-900-deep", '{"hosts": [' + "[" * 900 + "]" * 900 + "]}", ["hosts[0]", "must be an object"]),
+    ("port-5001-digits", '{"hosts": [{"host": "a", "port": ' + "9" * 5001 + "}]}",
+     ['hosts[0] ("a"): field "port" must be an integer from 1 to 65535, got a 5,001-digit number']),
+    ("default-slots-5001-digits", '{"defaults": {"slots": -' + "9" * 5001 + '}, "hosts": [{"host": "a"}]}',
+     ["defaults", 'field "slots"', "5,001-digit number"]),
+    ("mlx-ips-5001-digits", '[{"ssh": "a", "ips": [' + "9" * 5001 + "]}]", ['field "ips"', "5,001-digit"]),
 ]
 
 

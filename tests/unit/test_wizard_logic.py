@@ -381,11 +381,20 @@ def test_view_titles_and_table() -> None:
     from launcher.wizard_view import candidate_title, candidates_table, model_title, shown_path
 
     c = Candidate("mbp", "10.0.0.2", 2222, "Mac15,3", "both", HostSpec("mbp", "10.0.0.2"), note="mDNS sees it at x")
-    assert candidate_title(c).split() == ["mbp", "10.0.0.2:2222", "Mac15,3", "both", "(mDNS", "sees", "it", "at",
-                                          "x)"]
+    assert candidate_title(c).split() == ["mbp", "10.0.0.2:2222", "MacBook", "Pro", "(14-inch,", "M3,", "2023)",
+                                          "both", "(mDNS", "sees", "it", "at", "x)"]
+    mini = Candidate("mini", "10.0.0.3", 22, "Mac16,10", "mDNS", HostSpec("mini", "10.0.0.3"))
+    linux = Candidate("lab-1", "10.0.0.4", 22, "Raspberry Pi 5", "mDNS", HostSpec("lab-1", "10.0.0.4"))
+    unknown = Candidate("new", "10.0.0.5", 22, "Mac99,1", "mDNS", HostSpec("new", "10.0.0.5"))
+    silent = Candidate("quiet", "10.0.0.6", 22, None, "hosts.json", HostSpec("quiet", "10.0.0.6"))
+    assert "Mac mini (M4, 2024)" in candidate_title(mini) and "Mac16,10" not in candidate_title(mini)
+    assert "Raspberry Pi 5" in candidate_title(linux) and "Mac99,1" in candidate_title(unknown)
     console = Console(width=120, record=True, color_system=None)
-    console.print(candidates_table([c]))
-    assert "both — mDNS sees it at x" in console.export_text()
+    console.print(candidates_table([c, mini, linux, unknown, silent]))
+    text = console.export_text()
+    assert "both — mDNS sees it at x" in text
+    assert "MacBook Pro (14-inch, M3, 2023) · Mac15,3" in text and "Mac mini (M4, 2024) · Mac16,10" in text
+    assert "│ Raspberry Pi 5 " in text and "│ Mac99,1 " in text and "│ -  " in text  # shown as reported
     choice = load_model_choice(CONFIGS / "quickstart.yaml")
     assert model_title(choice, None).startswith("quickstart ") and "⚠" not in model_title(choice, None)
     assert model_title(choice, "needs more").endswith("⚠ may not fit")
