@@ -271,7 +271,7 @@ class Wizard:
         return checks
 
     def _trust(self, spec: HostSpec, check: HostCheck) -> bool:
-        from launcher.ssh import trust_host_key
+        from launcher.ssh import fetch_host_key, key_fingerprint
 
         kind = (check.fingerprint or "ed25519 ").split()[0].lower()
         self.out.print(f"{escape(spec.name)} ({escape(spec.hostname)}) offers an SSH host key this machine has not "
@@ -280,10 +280,12 @@ class Wizard:
         if not self.ask.confirm(f"Trust {spec.name}'s key?", default=False,
                                 yes_answer=self.args.accept_new_host_keys):
             return False
-        fingerprint = trust_host_key(spec)
+        offer = fetch_host_key(spec)
+        fingerprint = key_fingerprint(offer.key)
         if check.fingerprint and not check.fingerprint.endswith(fingerprint):
             raise HostError(f"{spec.name} offered another key on the second connection ({fingerprint})",
                             hint="someone may be intercepting the connection; check the network")
+        offer.trust()  # only the key that was shown and accepted
         self.out.print(f"trusted {escape(spec.name)}: {fingerprint} (added to ~/.ssh/known_hosts)")
         self.trusted.append(spec.name)
         return True

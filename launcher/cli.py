@@ -197,16 +197,33 @@ def hosts_check(
 def hosts_trust(
     name: Annotated[str, typer.Argument(help="The host's name in the hosts file.")],
     hosts: Annotated[Path, typer.Option("--hosts", help="The hosts file.")] = Path("hosts.json"),
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Add the key without asking (only once you have "
+                                      "compared its fingerprint with the host's own).")] = False,
 ) -> None:
-    """Fetch a host's SSH key, show its fingerprint and add it to ~/.ssh/known_hosts."""
+    """Fetch a host's SSH key, show its fingerprint and, once you confirm it, add it to ~/.ssh/known_hosts."""
     with user_errors():
-        from launcher.ssh import trust_host_key
+        from launcher.ssh import describe_key, fetch_host_key
 
         matches = [h for h in _load_hosts(hosts) if h.name == name]
         if not matches:
             raise UsageError(f"no host named '{name}' in {hosts}", hint="see the names with: cat " + str(hosts))
-        fingerprint = trust_host_key(matches[0])
-        out.print(f"trusted {name}: {fingerprint}")
+        offer = fetch_host_key(matches[0])  # HostError if another key is on file or this one is revoked
+        key, where = describe_key(offer.key), f"{offer.target.hostname}:{offer.target.port}"
+        if offer.known:
+            out.print(f"{name} ({where}) is already trusted: {key}", markup=False)
+            return
+        out.print(f"{name} ({where}) offers the host key {key}\n  compare it on that machine: ssh-keygen -lf "
+                  f"/etc/ssh/ssh_host_{offer.key.algorithm_name.lower()}_key.pub", markup=False)
+        if not yes:
+            if not sys.stdin.isatty():  # a pipe or /dev/null: nobody can answer, and a script must not hang
+                raise UsageError(f"not trusting {name}: stdin is not a terminal, so macrun cannot ask you",
+                                 hint=f"run it in a terminal, or add --yes once the fingerprint above matches "
+                                      f"the host's: macrun hosts trust {name} --yes")
+            if not typer.confirm(f"Trust {name}'s key?", default=False):
+                err.print(f"not trusted: {name} (nothing was added)", markup=False)
+                raise typer.Exit(1)
+        offer.trust()
+        out.print(f"trusted {name}: {key} (added to {offer.target.known_hosts_files[0]})", markup=False)
 
 
 @config_app.command("show")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 from distributed.errors import HostError
+from launcher.shell import check_env_names, shell_path
 
 if TYPE_CHECKING:  # launcher/ssh.py imports paramiko; only its types are needed here
     from launcher.ssh import RemoteProcess, SSHConnection
@@ -44,7 +44,11 @@ class RankSpec:
 
 
 def shim_request(spec: RankSpec, *, grace: float, report: str | None = None) -> bytes:
-    """The one JSON line the shim reads on stdin (see distributed/rankshim.py for its fields)."""
+    """The one JSON line the shim reads on stdin (see distributed/rankshim.py for its fields).
+
+    ConfigError if an environment variable's name is not a valid one (the shim could not set it).
+    """
+    check_env_names(spec.env)
     request: dict[str, object] = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": spec.cwd,
                                   "grace": grace}
     if report:
@@ -181,15 +185,6 @@ class LocalLauncher:
         return handle
 
 
-def _shell_path(path: str) -> str:
-    """Quote a path for a POSIX shell, keeping a leading `~` or `~/` so the shell expands it."""
-    if path == "~":
-        return "~"
-    if path.startswith("~/"):
-        return "~/" + shlex.quote(path[2:])
-    return shlex.quote(path)
-
-
 class SSHRankHandle:
     """A shim running on another host, reached through one exec channel of an SSH connection."""
 
@@ -255,7 +250,7 @@ class SSHLauncher:
 
     def command(self, spec: RankSpec) -> str:
         """The remote command line: no secrets on it, those travel in the request on stdin."""
-        return f"cd {_shell_path(self.workdir)} && exec {shlex.quote(spec.python)} -u -m {SHIM_MODULE}"
+        return f"cd {shell_path(self.workdir)} && exec {shell_path(spec.python)} -u -m {SHIM_MODULE}"
 
     def start(self, spec: RankSpec, request: bytes) -> RankHandle:
         # Not `start(stdin=request)`: that sends EOF after the bytes, and EOF tells the shim to stop.

@@ -30,7 +30,7 @@ from launcher.job import RankSpec, RankState, RunResult, run_ranks
 from launcher.preflight import HostFacts, Problem, check_hosts, probe_hosts, render_preflight, run_preflight
 from launcher.ranks import SSHLauncher
 from launcher.ssh import SSHConnection, connect_all, shell_quote
-from launcher.sync import SyncReport, package_files, sync_all
+from launcher.sync import FILE_MODE, SyncReport, package_files, sync_all
 
 # Asks the host's kernel for free TCP ports (held together so they differ), for the ring and MASTER_PORT.
 _FREE_PORTS = (
@@ -104,7 +104,7 @@ def _push_hostfile(conns: Sequence[SSHConnection], hostfile: Path, job_dir: dict
     """Put the ring hostfile (known only once every host named its free ports) into each job folder."""
     with ThreadPoolExecutor(max_workers=len(conns)) as pool:
         list(pool.map(lambda c: c.put_file(hostfile, posixpath.join(job_dir[c.host.name], hostfile.name),
-                                           mode=0o644), conns))
+                                           mode=FILE_MODE), conns))
 
 
 def ring_host(host: HostSpec, facts: HostFacts, address: str) -> RingHost:
@@ -173,8 +173,9 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                     env.update(linux_rank_env(facts[name].openblas))  # see distributed/probe.py: find_openblas
                 env.update(spec.env)
                 specs.append(RankSpec(rank=slot.rank, host_name=name, local_rank=slot.local_rank,
-                                      argv=host_argv(spec.argv, slot.host.python), env=env, cwd=job_dir[name],
-                                      python=slot.host.python))
+                                      argv=host_argv(spec.argv, by_name[name].host.python), env=env,
+                                      cwd=job_dir[name],
+                                      python=by_name[name].host.python))
             if on_ready:
                 on_ready(specs)
             t = timings

@@ -2,18 +2,18 @@
 
 The only module that imports paramiko. One transport per host carries every command and the SFTP
 session, so a command costs one channel open (~4 ms on a LAN) rather than a new handshake.
+known_hosts files are read by launcher/known_hosts.py, shell words made by launcher/shell.py, the TCP
+connection opened by launcher/tcp.py.
 """
 
 from __future__ import annotations
 
-import base64
-import errno
+import dataclasses
 import getpass
-import hashlib
 import logging
 import os
 import select
-import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -26,7 +26,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from distributed.errors import HostError
+from launcher import known_hosts
 from launcher.hosts import HostSpec
+from launcher.shell import env_exports, expand_home
+from launcher.shell import shell_quote as shell_quote  # re-exported: callers quote with ssh.shell_quote
+from launcher.tcp import open_tcp
 
 
 def _skip_invoke_unless_needed() -> None:
@@ -84,16 +88,11 @@ class SSHTarget:
     @property
     def known_hosts_name(self) -> str:
         """The name OpenSSH files this host's key under: `host`, or `[host]:port` off port 22."""
-        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+        return known_hosts.host_name(self.hostname, self.port)
 
     @property
     def label(self) -> str:
         return f"{self.user}@{self.hostname}:{self.port}"
-
-
-def shell_quote(arg: str) -> str:
-    """Quote one argument for the remote login shell (POSIX `sh -c` rules)."""
-    return shlex.quote(arg)
 
 
 def resolve_target(host: HostSpec) -> SSHTarget:
@@ -119,8 +118,7 @@ def resolve_target(host: HostSpec) -> SSHTarget:
 
 def key_fingerprint(key: paramiko.PKey) -> str:
     """`SHA256:…` exactly as `ssh-keygen -lf` prints it (unpadded base64 of the key blob's SHA-256)."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+    return known_hosts.fingerprint(key.asbytes())
 
 
 def describe_key(key: paramiko.PKey) -> str:
@@ -135,23 +133,34 @@ def connect(host: HostSpec, *, timeout: float = 10.0, accept_new_host_key: bool 
 
     The host key must already be in known_hosts (hashed entries and `[host]:port` included); an unknown
     key is refused unless `accept_new_host_key`, which records it (like `StrictHostKeyChecking=accept-new`);
-    a changed key is always refused. Keys tried in order: `host.key_file`, ~/.ssh/config IdentityFile,
-    the ssh-agent, then ~/.ssh/id_{ed25519,ecdsa,rsa}.
+    a changed or `@revoked` key is always refused. A leading `~` in the host's python/workdir is resolved to
+    its home folder (one extra command, only when python has one); `conn.host` holds the result.
+    Keys tried in order: `host.key_file`, ~/.ssh/config IdentityFile, the ssh-agent, then
+    ~/.ssh/id_{ed25519,ecdsa,rsa}.
     """
     target = resolve_target(host)
     deadline = time.monotonic() + timeout
-    sock = _open_socket(host, target, timeout)
+    sock = open_tcp(host.name, target.hostname, target.port, timeout)
     transport: paramiko.Transport | None = None
+    conn: SSHConnection | None = None
     try:
-        transport = _handshake(sock, host, target, deadline)
-        _check_host_key(transport.get_remote_server_key(), host, target, accept_new_host_key)
+        known = _known_keys(target)
+        transport = _handshake(sock, host, target, deadline, known)
+        _check_host_key(transport.get_remote_server_key(), host, target, accept_new_host_key, known)
         _authenticate(transport, host, target, deadline)
+        conn = SSHConnection(host, target, transport, sock)
+        if host.python == "~" or host.python.startswith("~/"):
+            # The rank's interpreter starts without a shell (argv travels as JSON): make it absolute.
+            conn.host = dataclasses.replace(host, python=expand_home(host.python, conn.home()),
+                                            workdir=expand_home(host.workdir, conn.home()))
     except BaseException:
-        if transport is not None:
+        if conn is not None:
+            conn.close()
+        elif transport is not None:
             transport.close()
         sock.close()
         raise
-    return SSHConnection(host, target, transport, sock)
+    return conn
 
 
 def connect_all(hosts: Sequence[HostSpec], *, timeout: float = 10.0,
@@ -183,44 +192,19 @@ def connect_all(hosts: Sequence[HostSpec], *, timeout: float = 10.0,
     raise HostError("\n".join(lines), hint="; ".join(hints) or None) from failed[0][1]
 
 
-def _open_socket(host: HostSpec, target: SSHTarget, timeout: float) -> socket.socket:
-    where = f"{host.name} ({target.hostname}:{target.port})"
-    try:
-        sock = socket.create_connection((target.hostname, target.port), timeout=timeout)
-    except socket.gaierror as exc:
-        raise HostError(f"cannot reach {where}: name not resolved ({exc.strerror})",
-                        hint=f"check the spelling of {target.hostname!r}, or use its IP address") from exc
-    except TimeoutError as exc:
-        raise HostError(f"cannot reach {where}: timed out after {timeout:g} s",
-                        hint="check that the host is on and on this network") from exc
-    except OSError as exc:
-        reason = {errno.ECONNREFUSED: "connection refused", errno.EHOSTUNREACH: "no route to host",
-                  errno.ENETUNREACH: "network unreachable"}.get(exc.errno or 0, exc.strerror or str(exc))
-        hint = ("turn on Remote Login (System Settings > General > Sharing) or start sshd there, "
-                "and check the port" if exc.errno == errno.ECONNREFUSED
-                else "check that the host is on and on this network")
-        raise HostError(f"cannot reach {where}: {reason}", hint=hint) from exc
-    # Nagle plus delayed ACKs cost ~40 ms per small request/response; SSH is all of those.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux: give up on unacknowledged data after 60 s
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 60_000)
-    return sock
-
-
-def _handshake(sock: socket.socket, host: HostSpec, target: SSHTarget, deadline: float) -> paramiko.Transport:
+def _handshake(sock: socket.socket, host: HostSpec, target: SSHTarget, deadline: float,
+               known: known_hosts.HostKeys) -> paramiko.Transport:
     transport = paramiko.Transport(sock)
     _install_exit_signal_handler(transport)
     remaining = max(0.5, deadline - time.monotonic())
     transport.banner_timeout = remaining
     transport.auth_timeout = remaining
-    known = _load_known_hosts(target).lookup(target.known_hosts_name)
     if known:
         # Ask for the key type(s) we already know, as OpenSSH does, so a host with several keys
         # does not look "changed" just because it offered another type first.
         opts = transport.get_security_options()
         wanted: list[str] = []
-        for kind in known.keys():
+        for kind in known.key_types():
             wanted += ["rsa-sha2-512", "rsa-sha2-256", kind] if kind == "ssh-rsa" else [kind]
         opts.key_types = [k for k in wanted if k in opts.key_types] + [
             k for k in opts.key_types if k not in wanted]
@@ -238,69 +222,70 @@ def _handshake(sock: socket.socket, host: HostSpec, target: SSHTarget, deadline:
     return transport
 
 
-def _load_known_hosts(target: SSHTarget) -> paramiko.HostKeys:
-    keys = paramiko.HostKeys()
-    for path in target.known_hosts_files:
-        if path.is_file():
-            try:
-                keys.load(str(path))
-            except (OSError, UnicodeDecodeError):
-                continue  # an unreadable file knows no keys; the user then sees "unknown key"
-    return keys
+def _known_keys(target: SSHTarget) -> known_hosts.HostKeys:
+    return known_hosts.lookup(target.known_hosts_files, target.known_hosts_name)
 
 
-def _check_host_key(offered: paramiko.PKey, host: HostSpec, target: SSHTarget, accept_new: bool) -> None:
-    known = _load_known_hosts(target).lookup(target.known_hosts_name)
-    name = target.known_hosts_name
-    where = f"{host.name} ({target.hostname}:{target.port})"
-    if not known:
-        if accept_new:
-            add_known_host(target, offered)
-            return
-        raise HostError(
-            f"the host key of {where} is not known: {describe_key(offered)}",
-            hint=(f"if that fingerprint is right (on the host: `ssh-keygen -lf /etc/ssh/ssh_host_"
-                  f"{offered.algorithm_name.lower()}_key.pub`), trust it with `macrun hosts trust "
-                  f"{host.name}` or `ssh-keyscan -p {target.port} {target.hostname} >> ~/.ssh/known_hosts`"))
-    expected = known.get(offered.get_name())
-    if expected is not None and expected.asbytes() == offered.asbytes():
-        return
-    was = ", ".join(describe_key(k) for k in known.values())
-    raise HostError(
-        f"the host key of {where} has CHANGED: known_hosts has {was}, the host offered "
-        f"{describe_key(offered)}; someone may be intercepting the connection, or the host was reinstalled",
-        hint=(f"only if you know why it changed: `ssh-keygen -R {shell_quote(name)}`, then "
-              f"`macrun hosts trust {host.name}`"))
+def _check_host_key(offered: paramiko.PKey, host: HostSpec, target: SSHTarget, accept_new: bool,
+                    known: known_hosts.HostKeys | None = None) -> bool:
+    """True if `offered` is on file for the host; False if it was unknown and `accept_new` added it.
 
-
-def add_known_host(target: SSHTarget, key: paramiko.PKey) -> None:
-    """Append `key` for `target` to the user's known_hosts (creating ~/.ssh with safe modes)."""
-    path = target.known_hosts_files[0]
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    line = f"{target.known_hosts_name} {key.get_name()} {key.get_base64()}\n"
-    needs_newline = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "a") as f:
-        f.write(("\n" if needs_newline else "") + line)
-
-
-def trust_host_key(host: HostSpec, *, timeout: float = 10.0) -> str:
-    """Fetch `host`'s key and add it to ~/.ssh/known_hosts; return its `SHA256:…` fingerprint.
-
-    Raises HostError if a different key is already known (that needs `ssh-keygen -R` first).
+    HostError if it is unknown (and not `accept_new`), revoked, or another key is on file.
     """
+    known = _known_keys(target) if known is None else known
+    where = f"{host.name} ({target.hostname}:{target.port})"
+    if known_hosts.verify(known, offered.get_name(), offered.asbytes(), where=where, host=host.name):
+        return True
+    if accept_new:
+        known_hosts.append(target.known_hosts_files[0], known.name, offered.get_name(), offered.get_base64())
+        return False
+    raise HostError(
+        f"the host key of {where} is not known: {describe_key(offered)}",
+        hint=(f"if that fingerprint is right (on the host: `ssh-keygen -lf /etc/ssh/ssh_host_"
+              f"{offered.algorithm_name.lower()}_key.pub`), trust it with `macrun hosts trust "
+              f"{host.name}` or `ssh-keyscan -p {target.port} {target.hostname} >> ~/.ssh/known_hosts`"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OfferedHostKey:
+    """The key a host offered, neither revoked nor contradicting known_hosts; `known`: already on file."""
+
+    host: HostSpec
+    target: SSHTarget
+    key: paramiko.PKey
+    known: bool
+
+    def trust(self) -> None:
+        """Add the key to the user's known_hosts (once: nothing happens when it is already there)."""
+        _check_host_key(self.key, self.host, self.target, accept_new=True)
+
+
+def fetch_host_key(host: HostSpec, *, timeout: float = 10.0) -> OfferedHostKey:
+    """Ask `host` for its key without logging in; HostError if it is revoked or another key is on file."""
     target = resolve_target(host)
-    sock = _open_socket(host, target, timeout)
+    sock = open_tcp(host.name, target.hostname, target.port, timeout)
     try:
-        transport = _handshake(sock, host, target, time.monotonic() + timeout)
+        known = _known_keys(target)
+        transport = _handshake(sock, host, target, time.monotonic() + timeout, known)
         try:
             key = transport.get_remote_server_key()
         finally:
             transport.close()
     finally:
         sock.close()
-    _check_host_key(key, host, target, accept_new=True)
-    return key_fingerprint(key)
+    where = f"{host.name} ({target.hostname}:{target.port})"
+    return OfferedHostKey(host, target, key, known_hosts.verify(known, key.get_name(), key.asbytes(),
+                                                                where=where, host=host.name))
+
+
+def trust_host_key(host: HostSpec, *, timeout: float = 10.0) -> str:
+    """Fetch `host`'s key and add it to ~/.ssh/known_hosts; return its `SHA256:…` fingerprint.
+
+    Raises HostError if the key is revoked or a different one is on file (that needs `ssh-keygen -R`).
+    """
+    offer = fetch_host_key(host, timeout=timeout)
+    offer.trust()
+    return key_fingerprint(offer.key)
 
 
 def _authenticate(transport: paramiko.Transport, host: HostSpec, target: SSHTarget, deadline: float) -> None:
@@ -443,6 +428,7 @@ class SSHConnection:
         self._transport = transport
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
+        self._home: str | None = None
         self.socket = sock  # for inspection only: the transport owns reads and writes
         self.local_addr: str = sock.getsockname()[0]  # this machine, as seen on the route to the host
         self.peer_addr: str = sock.getpeername()[0]
@@ -454,10 +440,23 @@ class SSHConnection:
     def is_alive(self) -> bool:
         return self._transport.is_active()
 
+    def home(self) -> str:
+        """The login user's home folder on the host ($HOME there), asked once per connection."""
+        if self._home is None:
+            home = self.run('printf %s "$HOME"', timeout=10.0).stdout
+            if not home.startswith("/"):
+                raise HostError(f"cannot find the home folder of {self.target.label} ({self.host.name}): "
+                                f"$HOME is {home!r} there", hint=f"write \"python\" and \"workdir\" for "
+                                f"{self.host.name} in hosts.json as absolute paths")
+            self._home = home.rstrip("/") or "/"
+        return self._home
+
     def _open_channel(self, cmd: str, env: Mapping[str, str] | None) -> paramiko.Channel:
+        # sshd drops most `env` requests (AcceptEnv), so variables travel as shell exports (names checked).
+        command = env_exports(env) + cmd
         try:
             chan = self._transport.open_session(timeout=10.0)
-            chan.exec_command(_with_env(cmd, env))
+            chan.exec_command(command)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise HostError(f"lost the connection to {self.host.name} ({self.target.label}): {exc}",
                             hint="check that the host is still on the network, then retry") from exc
@@ -521,14 +520,19 @@ class SSHConnection:
             return self._sftp
 
     def put_file(self, local: Path, remote: str, mode: int | None = None) -> None:
-        """Upload `local` to `remote` (`~/` means the remote home) via a temp name and a rename."""
+        """Upload `local` to `remote` (`~/` means the remote home) via a temp name and a rename.
+
+        With `mode`, the file has it before its first byte is written, whatever the host's umask.
+        """
         sftp = self.sftp()
         remote = remote[2:] if remote.startswith("~/") else remote  # SFTP paths start in the home dir
         tmp = f"{remote}.tmp-{os.getpid()}-{threading.get_ident()}"
         try:
-            sftp.put(str(local), tmp)
-            if mode is not None:
-                sftp.chmod(tmp, mode)
+            with sftp.open(tmp, "wb") as f, open(local, "rb") as src:
+                if mode is not None:
+                    f.chmod(mode)
+                f.set_pipelined(True)
+                shutil.copyfileobj(src, f, 32768)  # paramiko's own put() uses the same chunk size
             sftp.posix_rename(tmp, remote)
         except (OSError, paramiko.SSHException) as exc:
             try:
@@ -550,14 +554,6 @@ class SSHConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _with_env(cmd: str, env: Mapping[str, str] | None) -> str:
-    # sshd drops most `env` requests (AcceptEnv), so variables travel as shell exports.
-    if not env:
-        return cmd
-    exports = " ".join(f"{k}={shell_quote(v)}" for k, v in env.items())
-    return f"export {exports}; {cmd}"
 
 
 def _feed_stdin(chan: paramiko.Channel, data: bytes | None, *, close: bool) -> threading.Thread | None:

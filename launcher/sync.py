@@ -2,7 +2,8 @@
 
 One remote command asks the host for the hashes of the files it already has (and creates the
 folders); then only missing or changed files go over SFTP, each to a temp name renamed into place, so
-a rank never reads half a file.
+a rank never reads half a file. A job folder holds training text and checkpoints: it is private to the
+login user (folders 700, files 600, executables 700) whatever the host's umask.
 """
 
 from __future__ import annotations
@@ -17,15 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from distributed.errors import HostError
-from launcher.ssh import SSHConnection, shell_quote
+from launcher.shell import shell_path, shell_quote
+from launcher.ssh import SSHConnection
 
 HASH_TIMEOUT_S = 120.0  # hashing a few hundred MB of prepared data on a slow disk
 
-# Runs on the host: expand ~, create the folders, report {rel: [sha256, executable]} or null if absent.
+# Runs on the host: expand ~, create the folders (700: umask 077), make the job folder and the files
+# already there private (an older macrun left them 755/644), report {rel: [sha256, executable]} or null.
 _REMOTE_HASHES = """
 import hashlib, json, os, sys
+os.umask(0o077)
 root = os.path.abspath(os.path.expanduser(sys.argv[1]))
 os.makedirs(root, exist_ok=True)
+os.chmod(root, 0o700)
 found = {}
 for rel in json.load(sys.stdin):
     path = os.path.join(root, rel)
@@ -34,12 +39,16 @@ for rel in json.load(sys.stdin):
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
-        found[rel] = [digest.hexdigest(), bool(os.stat(path).st_mode & 0o111)]
+        mode = os.stat(path).st_mode
+        found[rel] = [digest.hexdigest(), bool(mode & 0o111)]
+        if mode & 0o077:
+            os.chmod(path, 0o700 if mode & 0o111 else 0o600)
     except OSError:
         found[rel] = None
         os.makedirs(os.path.dirname(path), exist_ok=True)
 print(json.dumps({"root": root, "files": found}))
 """
+FILE_MODE, EXEC_MODE = 0o600, 0o700  # what a synced file gets on the host
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +84,7 @@ def _check_relative(rel: str) -> None:
 def remote_hashes(conn: SSHConnection, rels: Sequence[str], remote_dir: str) -> tuple[str, dict]:
     """Ask the host (one command) for the absolute work dir and {rel: [sha256, exec] | None}."""
     python = conn.host.python
-    cmd = f"{shell_quote(python)} -c {shell_quote(_REMOTE_HASHES)} {shell_quote(remote_dir)}"
+    cmd = f"{shell_path(python)} -c {shell_quote(_REMOTE_HASHES)} {shell_quote(remote_dir)}"
     result = conn.run(cmd, stdin=json.dumps(list(rels)).encode(), timeout=HASH_TIMEOUT_S)
     try:
         answer = json.loads(result.stdout)
@@ -101,7 +110,7 @@ def sync_files(conn: SSHConnection, files: Mapping[str, Path], remote_dir: str) 
     for rel, (path, digest, executable) in local.items():
         if remote.get(rel) == [digest, executable]:
             continue
-        conn.put_file(path, f"{root}/{rel}", mode=0o755 if executable else 0o644)
+        conn.put_file(path, f"{root}/{rel}", mode=EXEC_MODE if executable else FILE_MODE)
         sent += 1
         bytes_sent += path.stat().st_size
     return SyncReport(sent=sent, skipped=len(local) - sent, bytes_sent=bytes_sent,

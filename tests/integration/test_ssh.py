@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed.errors import HostError
+from distributed.errors import ConfigError, HostError
 from launcher import ssh
 from launcher.hosts import HostSpec
 from tests.integration.conftest import isolate_home
@@ -196,6 +197,43 @@ def test_hashed_known_hosts_entry_is_accepted(home: Path, spec: HostSpec) -> Non
     assert known.read_text().startswith("|1|")
     with ssh.connect(spec) as conn:
         assert conn.run("true").rc == 0
+
+
+def test_revoked_host_key_is_refused_naming_file_and_line(home: Path, spec: HostSpec, server: SshdHandle) -> None:
+    known = home / ".ssh" / "known_hosts"
+    known.write_text(f"# keys of machines given away\n@revoked * {server.host_key_pub}\n{server.known_hosts_line()}\n")
+    before = accepted_logins(server)
+    for attempt in (lambda: ssh.connect(spec), lambda: ssh.connect(spec, accept_new_host_key=True),
+                    lambda: ssh.trust_host_key(spec)):
+        with pytest.raises(HostError, match="REVOKED") as err:
+            attempt()
+        assert f"{known} line 2" in err.value.message and "loop" in err.value.message
+    assert accepted_logins(server) == before  # refused before logging in
+    assert known.read_text().count(server.host_key_pub) == 2  # nothing was added
+
+
+def test_cert_authority_line_is_skipped_with_one_note(home: Path, spec: HostSpec, server: SshdHandle,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # paramiko's own reader raised on this line, so every connection failed.
+    known = home / ".ssh" / "known_hosts"
+    ca_pub = server.host_key_pub  # any key: the line is never used, only read past
+    known.write_text(f"@cert-authority *.example.com {ca_pub}\nthis line is garbage\n{server.known_hosts_line()}\n")
+    caplog.set_level(logging.WARNING, logger="macrun.known_hosts")
+    for _ in range(2):
+        with ssh.connect(spec) as conn:
+            assert conn.run("true").rc == 0
+    notes = [r.getMessage() for r in caplog.records if r.name == "macrun.known_hosts"]
+    assert notes == [f"note: {known} line 1: @cert-authority lines (host certificates) are not supported by "
+                     "macrun; skipped", f"note: {known} line 2: the key is not valid base64 SSH key data; line skipped"]
+
+
+def test_bad_env_name_is_refused_before_anything_runs(home: Path, spec: HostSpec, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    with ssh.connect(spec) as conn:
+        with pytest.raises(ConfigError, match=r"'X;touch"):
+            conn.run("true", env={f"X;touch {marker};Y": "1"})
+        assert conn.run("true", env={"OK_NAME": "$(touch " + str(marker) + ")"}).rc == 0  # values stay data
+    assert not marker.exists()
 
 
 # ---- failures to reach or log in --------------------------------------------------------------
