@@ -41,6 +41,7 @@ class LaunchSpec:
     hosts: Sequence[HostSpec] | None = None  # None: local ranks on this machine
     nproc: int = 1  # local ranks when hosts is None
     files: Mapping[str, Path] = field(default_factory=dict)  # relative path on the host -> local file
+    workdir: str = ""  # where remote ranks start: relative to the job folder (a synced project), or absolute
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment for every rank
     accept_new_host_keys: bool = False
     fetch: Sequence[str] = ()  # paths in rank 0's job folder copied back into run_dir after the run

@@ -147,6 +147,10 @@ def run(
     hosts: HostsOpt = None,
     nproc: NprocOpt = 1,
     name: Annotated[str, typer.Option(help="Job folder name on the hosts and under runs/.")] = "run",
+    sync: Annotated[list[Path] | None, typer.Option("--sync", metavar="PATH", help="Also copy this file or folder "
+                                                     "to the hosts (repeatable; no size limit).")] = None,
+    no_sync: Annotated[bool, typer.Option("--no-sync", help="Copy nothing: the hosts already have the project at "
+                                          "the same path (a shared folder); ranks start there.")] = False,
     link: LinkOpt = "auto",
     accept_new_host_keys: TrustOpt = False,
 ) -> None:
@@ -154,24 +158,33 @@ def run(
 
     Each rank gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, MLX_RANK and MLX_HOSTFILE, so an unmodified mx.distributed (ring) or torch env:// script works.
 
-    A leading `python` runs each host's configured interpreter; a script file named on the command line is pushed to the hosts.
+    With --hosts, the folder you run from is copied to each host (only what changed; .gitignore respected; .git, virtual environments, runs/, caches and files over 50 MB left out) and ranks start at the same place in the copy, so imports of modules beside the script, python -m package.module and relative paths work as here. A leading `python` runs each host's configured interpreter.
     """
     argv = list(ctx.args)
     with user_errors():
         if not argv:
             raise UsageError("no command given", hint="put it after --, e.g. macrun run -- python script.py")
+        from distributed.config import validate_run_name
         from launcher.api import LaunchSpec, launch
         from launcher.hosts import load_hosts
 
+        name = validate_run_name(name, what="--name")
         host_list = load_hosts(hosts) if hosts else None
         files: dict[str, Path] = {}
+        workdir = ""
         if host_list:
-            for arg in argv[1:]:
-                if arg.endswith(".py") and Path(arg).is_file():
-                    files[Path(arg).name] = Path(arg)
-            argv = [Path(a).name if a in {str(p) for p in files.values()} else a for a in argv]
+            from launcher.project import plan_project
+
+            project = plan_project(argv, extra=sync or [], sync=not no_sync)
+            for note in project.notes:
+                _emit(f"note: {note}")
+            _emit(project.summary())
+            files, argv, workdir = project.files, project.argv, project.workdir
+        elif sync or no_sync:
+            _emit("note: --sync/--no-sync apply to --hosts runs; local ranks run here, in this folder")
         spec = LaunchSpec(argv=argv, run_dir=Path("runs").resolve() / name, name=name, hosts=host_list,
-                          nproc=nproc, files=files, accept_new_host_keys=accept_new_host_keys, link=_check_link(link))
+                          nproc=nproc, files=files, workdir=workdir, accept_new_host_keys=accept_new_host_keys,
+                          link=_check_link(link))
         result = launch(spec, emit=_emit)
     _finish(result)
 

@@ -63,6 +63,10 @@ def _free_ports(conn: SSHConnection, count: int) -> list[int]:
         raise HostError(f"{conn.host.name}: could not find free TCP ports ({result.stderr.strip()[:200]})") from None
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 def _job_dir(host: HostSpec, name: str) -> str:
     return posixpath.join(host.workdir.rstrip("/") or "/", "jobs", name)
 
@@ -152,8 +156,9 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
         _push_hostfile(conns, hostfile, job_dir)
         timings["hostfile"] = time.perf_counter() - began
         sent = sum(r.sent for r in reports.values())
-        emit(f"synced {len(files) + 1} files to {len(hosts)} host(s): {sent + len(hosts)} sent, "
-             f"{sum(r.skipped for r in reports.values())} unchanged")
+        sent_bytes = sum(r.bytes_sent for r in reports.values()) + len(hosts) * hostfile.stat().st_size
+        emit(f"synced {len(files) + 1} files to {len(hosts)} host(s): {sent + len(hosts)} sent "
+             f"({_size(sent_bytes)}), {sum(r.skipped for r in reports.values())} unchanged")
 
         secret, run_id = new_secret(), f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         rank0 = slots[0].host.name
@@ -174,7 +179,7 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                 env.update(spec.env)
                 specs.append(RankSpec(rank=slot.rank, host_name=name, local_rank=slot.local_rank,
                                       argv=host_argv(spec.argv, by_name[name].host.python), env=env,
-                                      cwd=job_dir[name],
+                                      cwd=posixpath.normpath(posixpath.join(job_dir[name], spec.workdir)),
                                       python=by_name[name].host.python))
             if on_ready:
                 on_ready(specs)

@@ -107,3 +107,42 @@ def test_ctrl_c_stops_every_rank_and_exits_130(lab: Lab, tmp_path: Path) -> None
     assert "Traceback" not in run.stdout + run.stderr
     assert "interrupted" in run.stdout + run.stderr
     assert os.path.isdir(tmp_path / "runs" / "sigint" / "logs")
+
+
+def test_a_project_runs_as_typed_imports_modules_and_paths_included(lab: Lab, tmp_path: Path) -> None:
+    # What failed before: a script importing a module beside it got ModuleNotFoundError on every host.
+    proj = tmp_path / "proj"
+    (proj / "pkg").mkdir(parents=True)
+    (proj / "data").mkdir()
+    (proj / "helper.py").write_text("def greet(rank):\n    return f'helper says hi to {rank}'\n")
+    (proj / "train.py").write_text(
+        "import os, helper\n"
+        "rank = int(os.environ['RANK'])\n"
+        "print(helper.greet(rank), open('data/words.txt').read().strip(), os.path.basename(os.getcwd()), "
+        "flush=True)\n")
+    (proj / "pkg" / "__init__.py").write_text("")
+    (proj / "pkg" / "util.py").write_text("NAME = 'util'\n")
+    (proj / "pkg" / "main.py").write_text("from pkg import util\nimport os\n"
+                                          "print('module', util.NAME, os.environ['RANK'], flush=True)\n")
+    (proj / "data" / "words.txt").write_text("plain words\n")
+    (proj / "runs").mkdir()
+    (proj / "runs" / "huge.log").write_text("never copied\n")
+    hosts = lab.write_hosts_file(tmp_path / "hosts.json")
+
+    proc = run_macrun(["run", "--hosts", str(hosts), "--name", "proj", "--", "python", "train.py"],
+                      home=lab.ssh_home, cwd=proj)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = rank_lines(proc.stdout)
+    assert {r: t for r, (_, t) in lines.items()} == {r: f"helper says hi to {r} plain words project" for r in range(3)}
+    assert re.search(r"^project \S*proj: 6 file\(s\)", proc.stdout, re.M), proc.stdout
+
+    proc = run_macrun(["run", "--hosts", str(hosts), "--name", "proj", "--", "python", "-m", "pkg.main"],
+                      home=lab.ssh_home, cwd=proj)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {r: t for r, (_, t) in rank_lines(proc.stdout).items()} == {r: f"module util {r}" for r in range(3)}
+    # The second launch of the same project sends only the new hostfile to each host.
+    sent = re.search(r"^synced \d+ files to 3 host\(s\): (\d+) sent", proc.stdout, re.M)
+    assert sent is not None and int(sent.group(1)) == 3, proc.stdout
+    job = lab.exec(lab.host("h1"), ["ls", "-A", f"{lab.hosts[1].workdir}/jobs/proj/project"])
+    copied = sorted(n for n in job.stdout.split() if n != "__pycache__")  # written there by the imports
+    assert copied == ["data", "helper.py", "pkg", "train.py"], job.stdout + job.stderr
