@@ -342,9 +342,41 @@ def find_openblas(system: str) -> str | None:
     return None
 
 
-def collect(workdir: str) -> dict[str, Any]:
-    """Everything the launcher's preflight needs to know about this host."""
-    mlx_proc = start_mlx_check()
+def mlx_fingerprint() -> str | None:
+    """Sizes and mtimes of this interpreter and of MLX's package files, hashed: changes with any reinstall.
+
+    Found without importing MLX (find_spec of a top-level package runs none of its code); None without MLX.
+    """
+    import hashlib
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("mlx")
+    except (ImportError, ValueError):
+        return None
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    if not folders:
+        return None
+    parts = []
+    files = [os.path.join(d, n) for d in folders for n in sorted(os.listdir(d)) if n != "__pycache__"]
+    for path in [os.path.realpath(sys.executable)] + files:  # (importing writes __pycache__: not a change)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def collect(workdir: str, known_mlx: str | None = None) -> dict[str, Any]:
+    """Everything the launcher's preflight needs to know about this host.
+
+    With `known_mlx` equal to this host's mlx_fingerprint(), MLX is not imported: the launcher holds that
+    answer already (launcher/probecache.py), and "mlx" only says so.
+    """
+    fingerprint = mlx_fingerprint()
+    cached = fingerprint is not None and fingerprint == known_mlx
+    mlx_proc = None if cached else start_mlx_check()
     system = platform.system()
     if system == "Darwin":
         os_version = platform.mac_ver()[0]
@@ -374,14 +406,15 @@ def collect(workdir: str) -> dict[str, Any]:
         "disk_free_bytes": disk_free,
         "battery": collect_battery(system),
         "interfaces": collect_interfaces(system),
-        "mlx": finish_mlx_check(mlx_proc),
+        "mlx": {"cached": True} if cached else finish_mlx_check(mlx_proc),
+        "mlx_fingerprint": fingerprint,
         "openblas": find_openblas(system),
     }
 
 
 def main(argv: list[str]) -> int:
     workdir = argv[1] if len(argv) > 1 else "~"
-    print(json.dumps(collect(workdir), sort_keys=True))
+    print(json.dumps(collect(workdir, argv[2] if len(argv) > 2 else None), sort_keys=True))
     return 0
 
 

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from distributed.errors import HostError
 from distributed.probe import battery_problem
+from launcher import probecache
 from launcher.ssh import SSHConnection, shell_quote
 
 PROBE_SCRIPT = Path(__file__).resolve().parent.parent / "distributed" / "probe.py"
@@ -133,9 +134,12 @@ def probe_host(conn: SSHConnection, workdir: str | None = None) -> HostFacts:
     """Run the probe on one host: one remote command, the script fed on stdin."""
     host = conn.host
     python, workdir = host.python, workdir or host.workdir
-    cmd = f"{shell_quote(python)} - {shell_quote(workdir)}"
+    script = PROBE_SCRIPT.read_bytes()
+    key = probecache.cache_key(conn.target.label, python, script)
+    known, cached = probecache.lookup(key)
+    cmd = f"{shell_quote(python)} - {shell_quote(workdir)}" + (f" {shell_quote(known)}" if known else "")
     started = time.perf_counter()
-    result = conn.run(cmd, stdin=PROBE_SCRIPT.read_bytes(), timeout=PROBE_TIMEOUT_S)
+    result = conn.run(cmd, stdin=script, timeout=PROBE_TIMEOUT_S)
     seconds = time.perf_counter() - started
     where = f"{host.name} ({conn.target.label})"
     if result.rc == 127:
@@ -143,8 +147,14 @@ def probe_host(conn: SSHConnection, workdir: str | None = None) -> HostFacts:
                         hint=f"set \"python\" for {host.name} in hosts.json to a Python 3.10+ that has MLX "
                              "(e.g. /opt/homebrew/bin/python3 or a virtualenv's bin/python)")
     try:
-        return HostFacts.from_probe(host.name, json.loads(result.stdout), seconds)
-    except (ValueError, KeyError, TypeError) as exc:
+        data = json.loads(result.stdout)
+        mlx, fingerprint = data.get("mlx") or {}, data.get("mlx_fingerprint")
+        if mlx.get("cached") and cached is not None:
+            data["mlx"] = cached  # the install is as it was: the answer of the last import stands
+        elif isinstance(fingerprint, str) and mlx.get("version") and not mlx.get("error"):
+            probecache.store({key: (fingerprint, {k: mlx.get(k) for k in ("version", "device", "error")})})
+        return HostFacts.from_probe(host.name, data, seconds)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         tail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise HostError(f"{where}: the probe with {python!r} failed (exit status {result.rc}): {tail}",
                         hint=f"check that {python!r} is Python 3.9 or newer; set \"python\" for "

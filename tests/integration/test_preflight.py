@@ -288,3 +288,50 @@ def test_parse_linux_outputs() -> None:
 def test_nearest_existing_parent(tmp_path: Path) -> None:
     assert probe.nearest_existing(str(tmp_path / "a" / "b")) == str(tmp_path)
     assert probe.nearest_existing(str(tmp_path)) == str(tmp_path)
+
+
+# ---- the probe cache: MLX imported once per install ---------------------------------------------
+
+FAKE_MLX_CORE = "__version__ = {version!r}\n\ndef default_device():\n    return 'Device(fake, 0)'\n"
+
+
+def test_probe_skips_the_mlx_import_while_the_install_is_unchanged(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "mlx").mkdir(parents=True)
+    (site / "mlx" / "__init__.py").write_text("")
+    (site / "mlx" / "core.py").write_text(FAKE_MLX_CORE.format(version="9.1"))
+    script = (REPO / "distributed" / "probe.py").read_bytes()
+
+    def run(*known: str) -> dict:
+        out = subprocess.run([sys.executable, "-", str(tmp_path), *known], input=script, capture_output=True,
+                             check=True, timeout=60, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"})
+        return json.loads(out.stdout)
+
+    first = run()
+    assert first["mlx"]["version"] == "9.1" and first["mlx_fingerprint"]
+    again = run(first["mlx_fingerprint"])
+    assert again["mlx"] == {"cached": True} and again["mlx_fingerprint"] == first["mlx_fingerprint"]
+    # Reinstalling MLX (another version: other file sizes) changes the fingerprint: the probe imports again.
+    (site / "mlx" / "core.py").write_text(FAKE_MLX_CORE.format(version="9.10"))
+    upgraded = run(first["mlx_fingerprint"])
+    assert upgraded["mlx"]["version"] == "9.10" and upgraded["mlx_fingerprint"] != first["mlx_fingerprint"]
+    assert run("not-a-fingerprint")["mlx"]["version"] == "9.10"
+
+
+@pytest.mark.integration
+@needs_sshd
+def test_launcher_reuses_the_cached_mlx_answer(connect, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher import probecache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    conn = connect("loop", VENV_PYTHON)
+    cold = preflight.probe_host(conn)
+    entries = json.loads(probecache.cache_path().read_text())
+    assert [e["mlx"]["version"] for e in entries.values()] == [mx.__version__]
+    warm = preflight.probe_host(conn)
+    assert (warm.mlx_version, warm.mlx_device, warm.mlx_error) == (cold.mlx_version, cold.mlx_device, None)
+    # A damaged cache is only a slower probe.
+    probecache.cache_path().write_text("{not json")
+    assert preflight.probe_host(conn).mlx_version == mx.__version__
+    assert json.loads(probecache.cache_path().read_text())  # rewritten
