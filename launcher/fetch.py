@@ -16,7 +16,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from distributed.checkpoint import TMP_PREFIX, prune_checkpoints
 from launcher.ssh import SSHConnection
 
 _ANNOUNCED = re.compile(r"^\[rank 0 [^\]]*\] checkpoint (?:.*/)?(step_\d{8,})$")
@@ -30,6 +29,8 @@ def fetch_tree(conn: SSHConnection, remote: str, local: Path, *, lock: threading
     make us read or write elsewhere), names must be plain (no '/', '.' or '..'), and a file already here
     with the same size is not copied again (checkpoint files never change once written).
     """
+    from distributed.checkpoint import TMP_PREFIX  # imports MLX: not on `macrun run`'s path to its ranks
+
     guard = lock or threading.Lock()
     sftp = conn.sftp()
     with guard:
@@ -93,6 +94,8 @@ class CheckpointFetcher:
             self._fetch(name)
 
     def _fetch(self, name: str) -> None:
+        from distributed.checkpoint import TMP_PREFIX, prune_checkpoints
+
         final = self.root / name
         if final.is_dir():
             return
