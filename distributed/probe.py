@@ -368,11 +368,26 @@ def mlx_fingerprint() -> str | None:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def collect(workdir: str, known_mlx: str | None = None) -> dict[str, Any]:
-    """Everything the launcher's preflight needs to know about this host.
+def free_ports(count: int) -> list[int]:
+    """TCP ports free on this host now (held open together, so they differ): for the ring and MASTER_PORT."""
+    held = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("0.0.0.0", 0))
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+def collect(workdir: str, known_mlx: str | None = None, ports: int = 0) -> dict[str, Any]:
+    """Everything the launcher's preflight needs to know about this host, and `ports` free TCP ports.
 
     With `known_mlx` equal to this host's mlx_fingerprint(), MLX is not imported: the launcher holds that
-    answer already (launcher/probecache.py), and "mlx" only says so.
+    answer already (launcher/probecache.py), and "mlx" only says so. Asking for the ports here saves the
+    launcher a second remote command (a session and an interpreter start) per host.
     """
     fingerprint = mlx_fingerprint()
     cached = fingerprint is not None and fingerprint == known_mlx
@@ -408,13 +423,16 @@ def collect(workdir: str, known_mlx: str | None = None) -> dict[str, Any]:
         "interfaces": collect_interfaces(system),
         "mlx": {"cached": True} if cached else finish_mlx_check(mlx_proc),
         "mlx_fingerprint": fingerprint,
+        "free_ports": free_ports(ports),
         "openblas": find_openblas(system),
     }
 
 
 def main(argv: list[str]) -> int:
+    """probe.py [WORKDIR [MLX_FINGERPRINT|- [PORTS]]]"""
     workdir = argv[1] if len(argv) > 1 else "~"
-    print(json.dumps(collect(workdir, argv[2] if len(argv) > 2 else None), sort_keys=True))
+    known = argv[2] if len(argv) > 2 and argv[2] != "-" else None
+    print(json.dumps(collect(workdir, known, int(argv[3]) if len(argv) > 3 else 0), sort_keys=True))
     return 0
 
 

@@ -76,6 +76,7 @@ class HostFacts:
     probe_seconds: float  # wall time of the probe command, seen from here
     openblas: str | None = None  # Linux hosts: an OpenBLAS the launcher preloads for MLX
     battery_state: str | None = None  # "charging", "discharging", "charged", "not charging", ...; None: unknown
+    free_ports: tuple[int, ...] = ()  # TCP ports free on the host when probed, where the probe was asked for some
 
     @property
     def python_tuple(self) -> tuple[int, ...]:
@@ -112,6 +113,7 @@ class HostFacts:
                                tuple(i.get("members", ())), bool(i.get("up", True)))
                 for i in data.get("interfaces", ())),
             probe_seconds=seconds, openblas=data.get("openblas") or None,
+            free_ports=tuple(int(p) for p in data.get("free_ports") or ()),
             battery_state=battery.get("state") if battery else None,
         )
 
@@ -130,14 +132,14 @@ class Problem:
         return self.severity == "error"
 
 
-def probe_host(conn: SSHConnection, workdir: str | None = None) -> HostFacts:
-    """Run the probe on one host: one remote command, the script fed on stdin."""
+def probe_host(conn: SSHConnection, workdir: str | None = None, ports: int = 0) -> HostFacts:
+    """Run the probe on one host: one remote command, the script fed on stdin; `ports` free ports asked too."""
     host = conn.host
     python, workdir = host.python, workdir or host.workdir
     script = PROBE_SCRIPT.read_bytes()
     key = probecache.cache_key(conn.target.label, python, script)
     known, cached = probecache.lookup(key)
-    cmd = f"{shell_quote(python)} - {shell_quote(workdir)}" + (f" {shell_quote(known)}" if known else "")
+    cmd = f"{shell_quote(python)} - {shell_quote(workdir)} {shell_quote(known or '-')} {int(ports)}"
     started = time.perf_counter()
     result = conn.run(cmd, stdin=script, timeout=PROBE_TIMEOUT_S)
     seconds = time.perf_counter() - started
@@ -161,14 +163,15 @@ def probe_host(conn: SSHConnection, workdir: str | None = None) -> HostFacts:
                              f"{host.name} in hosts.json") from exc
 
 
-def probe_hosts(conns: Sequence[SSHConnection],
-                workdir_by_host: Mapping[str, str] | None = None) -> dict[str, HostFacts]:
+def probe_hosts(conns: Sequence[SSHConnection], workdir_by_host: Mapping[str, str] | None = None,
+                ports_by_host: Mapping[str, int] | None = None) -> dict[str, HostFacts]:
     """Probe all hosts in parallel, keyed by host name; one HostError lists every host that failed."""
-    workdirs = workdir_by_host or {}
+    workdirs, ports = workdir_by_host or {}, ports_by_host or {}
     if not conns:
         return {}
     with ThreadPoolExecutor(max_workers=min(32, len(conns))) as pool:
-        futures = {c.host.name: pool.submit(probe_host, c, workdirs.get(c.host.name)) for c in conns}
+        futures = {c.host.name: pool.submit(probe_host, c, workdirs.get(c.host.name), ports.get(c.host.name, 0))
+                   for c in conns}
     facts: dict[str, HostFacts] = {}
     failures: list[HostError] = []
     for name, fut in futures.items():
@@ -290,10 +293,10 @@ def render_preflight(facts: Mapping[str, HostFacts], problems: Sequence[Problem]
 
 
 def run_preflight(conns: Sequence[SSHConnection], *, workdir_by_host: Mapping[str, str] | None = None,
-                  local_mlx: str | None = None,
+                  ports_by_host: Mapping[str, int] | None = None, local_mlx: str | None = None,
                   min_battery: float = MIN_BATTERY_PERCENT) -> tuple[dict[str, HostFacts], list[Problem]]:
     """Probe, check and raise for errors in one call; return the facts and the remaining warnings."""
-    facts = probe_hosts(conns, workdir_by_host)
+    facts = probe_hosts(conns, workdir_by_host, ports_by_host)
     problems = check_hosts(facts, local_mlx=local_mlx, min_battery=min_battery)
     raise_for_problems(problems)
     return facts, problems

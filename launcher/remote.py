@@ -6,10 +6,8 @@ happens before any rank starts, and each fails with one HostError naming the hos
 
 from __future__ import annotations
 
-import json
 import posixpath
 import secrets
-import shlex
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,16 +27,8 @@ from launcher.hosts import HostSpec, layout_ranks
 from launcher.job import RankSpec, RankState, RunResult, run_ranks
 from launcher.preflight import HostFacts, Problem, check_hosts, probe_hosts, render_preflight, run_preflight
 from launcher.ranks import SSHLauncher
-from launcher.ssh import SSHConnection, connect_all, shell_quote
+from launcher.ssh import SSHConnection, connect_all
 from launcher.sync import FILE_MODE, SyncReport, package_files, sync_all
-
-# Asks the host's kernel for free TCP ports (held together so they differ), for the ring and MASTER_PORT.
-_FREE_PORTS = (
-    "import json,socket,sys\n"
-    "s=[socket.socket() for _ in range(int(sys.argv[1]))]\n"
-    "[x.bind(('0.0.0.0',0)) for x in s]\n"
-    "print(json.dumps([x.getsockname()[1] for x in s]))\n"
-)
 
 
 def check_hosts_file(hosts: Sequence[HostSpec], *, accept_new_host_keys: bool = False) -> tuple[Any, list[Problem]]:
@@ -53,16 +43,6 @@ def check_hosts_file(hosts: Sequence[HostSpec], *, accept_new_host_keys: bool = 
             conn.close()
 
 
-def _free_ports(conn: SSHConnection, count: int) -> list[int]:
-    result = conn.run(f"{shell_quote(conn.host.python)} -c {shlex.quote(_FREE_PORTS)} {count}", timeout=20)
-    try:
-        ports = json.loads(result.stdout)
-        assert isinstance(ports, list) and len(ports) == count
-        return [int(p) for p in ports]
-    except (ValueError, AssertionError):
-        raise HostError(f"{conn.host.name}: could not find free TCP ports ({result.stderr.strip()[:200]})") from None
-
-
 def _size(n: float) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
@@ -75,12 +55,12 @@ def _prepare_hosts(
     conns: Sequence[SSHConnection], files: dict[str, Path], job_dirs: dict[str, str], timings: dict[str, float],
     min_battery: float = 20.0,
 ) -> tuple[tuple[dict[str, HostFacts], list[Problem]], dict[str, list[int]], dict[str, SyncReport]]:
-    """Probe every host, ask each for free ports and sync the job's files, all at once.
+    """Probe every host (asking it for free ports too) and sync the job's files, at once.
 
-    The three are independent remote commands on separate channels of one connection, so their round
-    trips and interpreter start-ups overlap instead of adding up (the probe, which imports MLX, is the
-    longest). Their errors are raised in that order, so a host without a usable Python is reported by
-    the probe. Syncing before the preflight verdict is safe: nothing runs until every check passed.
+    The probe and the sync are independent remote commands on separate channels of one connection, so
+    their round trips and interpreter start-ups overlap instead of adding up (the probe is the longer).
+    Its errors come first, so a host without a usable Python is reported by the probe. Syncing before
+    the preflight verdict is safe: nothing runs until every check passed.
     """
     def timed(name: str, fn: Callable[[], Any]) -> Any:
         began = time.perf_counter()
@@ -89,19 +69,17 @@ def _prepare_hosts(
         finally:
             timings[name] = time.perf_counter() - began
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        ports_future = pool.submit(timed, "ports", lambda: _free_ports_all(conns))
+    with ThreadPoolExecutor(max_workers=1) as pool:
         sync_future = pool.submit(timed, "sync", lambda: sync_all(conns, files, job_dirs))
         workdirs = {c.host.name: c.host.workdir for c in conns}
-        preflight = timed("probe", lambda: run_preflight(conns, workdir_by_host=workdirs, min_battery=min_battery))
-        return preflight, ports_future.result(), sync_future.result()
-
-
-def _free_ports_all(conns: Sequence[SSHConnection]) -> dict[str, list[int]]:
-    """{host name: [master port, ring port per slot...]}, asked of every host in parallel."""
-    with ThreadPoolExecutor(max_workers=len(conns)) as pool:
-        return dict(zip([c.host.name for c in conns],
-                        pool.map(lambda c: _free_ports(c, c.host.slots + 1), conns), strict=True))
+        ports = {c.host.name: c.host.slots + 1 for c in conns}  # MASTER_PORT, then one per ring rank
+        preflight = timed("probe", lambda: run_preflight(conns, workdir_by_host=workdirs, ports_by_host=ports,
+                                                         min_battery=min_battery))
+        found = {name: list(f.free_ports) for name, f in preflight[0].items()}
+        for name, want in ports.items():
+            if len(found.get(name, ())) != want:
+                raise HostError(f"{name}: the probe found no free TCP ports", hint="check the host's open files")
+        return preflight, found, sync_future.result()
 
 
 def _push_hostfile(conns: Sequence[SSHConnection], hostfile: Path, job_dir: dict[str, str]) -> None:
@@ -185,8 +163,8 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                 on_ready(specs)
             t = timings
             emit(f"starting {len(specs)} rank(s) on {len(hosts)} host(s) ({time.perf_counter() - started:.2f} s "
-                 f"from connecting: connect {t['connect']:.2f} s, probe {t['probe']:.2f} s with ports "
-                 f"{t['ports']:.2f} s and sync {t['sync']:.2f} s alongside, hostfile {t['hostfile']:.2f} s)")
+                 f"from connecting: connect {t['connect']:.2f} s, probe {t['probe']:.2f} s with sync "
+                 f"{t['sync']:.2f} s alongside, hostfile {t['hostfile']:.2f} s)")
             launchers = {h.name: SSHLauncher(by_name[h.name], job_dir[h.name]) for h in hosts}
             fetcher = (CheckpointFetcher(by_name[rank0], job_dir[rank0], spec.run_dir, spec.keep_checkpoints, emit)
                        if "checkpoints" in fetch else None)

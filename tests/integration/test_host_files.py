@@ -57,9 +57,9 @@ def test_tilde_in_python_and_workdir_means_the_hosts_home(ssh_home: Path, server
                     python=tilde(area, host_home) + "/venv/bin/python", workdir=tilde(area, host_home) + "/work")
     with ssh.connect(spec) as conn:
         assert conn.host.python == f"{area}/venv/bin/python" and conn.host.workdir == f"{area}/work"
-        facts = preflight.probe_host(conn)  # before: "Python interpreter '~/…' not found"
+        facts = preflight.probe_host(conn, ports=2)  # before: "Python interpreter '~/…' not found"
         assert facts.python_executable == f"{area}/venv/bin/python"
-        assert len(remote._free_ports(conn, 2)) == 2
+        assert len(set(facts.free_ports)) == 2 and all(p > 0 for p in facts.free_ports)
         report = sync.sync_files(conn, {"a.txt": REPO / "pyproject.toml"}, conn.host.workdir + "/jobs/x")
         assert report.remote_dir == f"{area}/work/jobs/x" and (area / "work/jobs/x/a.txt").is_file()
 
