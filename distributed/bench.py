@@ -37,8 +37,9 @@ from typing import Any
 
 from distributed.env import RankEnv
 from distributed.errors import MacrunError, UsageError, report
+from distributed.heartbeat import start_heartbeat
 from distributed.links import Link, hostfile_address, list_links, measure_ring, run_probe, serve_probe
-from distributed.store import StoreClient, start_heartbeat
+from distributed.store import StoreClient
 
 EVENT_PREFIX = "MACRUN-BENCH "
 TYPES = ("allreduce", "bandwidth", "latency")

@@ -1,7 +1,7 @@
 """What this rank is doing, for the launcher's watchdog: its last finished step and the collective it is in.
 
 The training loop updates one `Progress` per process with plain attribute writes (nothing on the wire, so
-the loop pays nothing measurable); the heartbeat thread (distributed.store.start_heartbeat) sends a
+the loop pays nothing measurable); the heartbeat thread (distributed.heartbeat.start_heartbeat) sends a
 snapshot every 2 s and brings back the launcher's requests, such as a graceful stop after a first Ctrl-C.
 
 A collective that never completes leaves every rank's step where it was while the heartbeats keep coming:

@@ -10,7 +10,10 @@ JSON header frame (``{"op": "set", "key": "k", "body": true}``) optionally follo
 (values are bytes, never pickle); a reply is a JSON header (``{"ok": true, ...}`` or ``{"ok": false,
 "error": code, "message": text}``) optionally followed by one bytes frame. Headers are limited to
 ``HEADER_LIMIT`` (64 KiB), values to ``VALUE_LIMIT`` (64 MiB); a frame over its limit or a header that is
-not a JSON object closes the connection.
+not a JSON object closes the connection. A frame's buffer grows with the bytes that arrive, never with the
+length announced. A header nested deeper than 64 levels gets a ``bad_header`` reply, then the connection
+closes (whether a value frame follows cannot be known). A blocking op's ``timeout`` must be a number >= 0;
+NaN or a negative one is refused, one over ``MAX_WAIT_S`` (24 h, Infinity included) is clamped to it.
 
 Authentication comes first and is mutual; nothing else is read before it succeeds:
 
@@ -21,17 +24,20 @@ Authentication comes first and is mutual; nothing else is read before it succeed
    turn, so a rank never talks to an impostor. The distinct labels stop a proof being reflected back.
 
 A peer that sends no valid proof within ``handshake_timeout`` (5 s), sends garbage or an oversized frame is
-disconnected, counted in ``StoreServer.refused`` and logged once ("rendezvous: refused 10.0.0.7:53122 (bad
-proof)"); everyone else is unaffected (one thread per connection). The secret itself never crosses the
-wire and never appears in a repr, an exception or a log line. Traffic is not encrypted: values travel in
-clear on the LAN, so the store carries coordinates, never credentials.
+disconnected, counted in ``StoreServer.refused`` and logged ("rendezvous: refused 10.0.0.7:53122 (bad
+proof)"; past a few lines per address in 10 s, the rest are counted into that address's next line);
+everyone else is unaffected (one thread per connection). Unauthenticated connections are capped (64 in
+all, 16 per address by default): the ones over a cap are closed as soon as they are accepted. The secret
+itself never crosses the wire and never appears in a repr, an exception or a log line. Traffic is not
+encrypted: values travel in clear on the LAN, so the store carries coordinates, never credentials.
 
 Ops: set, get (blocks until the key exists), check, add (atomic integer counter stored as ASCII
 digits), wait, delete, barrier (reusable: each round that completes bumps a per-name generation) and
 heartbeat (the server stamps its own monotonic clock, so hosts' clock skew does not matter).
 
 This module holds the protocol and the client (imported on every host); the launcher's server is in
-distributed.store_server.
+distributed.store_server (the network side) and distributed.store_ops (the data and the ops), a rank's
+heartbeat thread in distributed.heartbeat.
 """
 
 from __future__ import annotations
@@ -39,29 +45,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
+import math
 import secrets
-import signal
 import socket
 import struct
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from distributed.errors import RendezvousError
 
 if TYPE_CHECKING:
     from distributed.env import RankEnv
-    from distributed.progress import Progress
 
 HEADER_LIMIT = 64 * 1024
 VALUE_LIMIT = 64 * 1024 * 1024
 HANDSHAKE_LIMIT = 256
 MAGIC = b"macrun-rendezvous/1 "
 NONCE_BYTES = 32
-EXIT_LAUNCHER_LOST = 75  # a rank that ended itself because the launcher was out of reach (EX_TEMPFAIL)
+MAX_WAIT_S = 24 * 3600.0  # the longest a blocking op waits; longer (or infinite) timeouts are clamped to it
+_CHUNK = 1 << 20  # the most one recv reads, and the most a frame's buffer grows by ahead of its bytes
 _LEN = struct.Struct(">I")
 _CLIENT_LABEL, _SERVER_LABEL = b"client", b"server"
 _ACCEPT, _REJECT = b"\x01", b"\x00"
@@ -127,23 +131,31 @@ def send_frame(sock: socket.socket, payload: bytes) -> None:
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
+    """Read exactly `n` bytes. Memory follows the bytes that arrived, not the length announced: a peer that
+    announces 64 MiB and sends nothing costs one HEADER_LIMIT-sized buffer, not 64 MiB."""
+    chunks: list[bytearray] = []
     got = 0
     while got < n:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise FrameError("timeout", f"timed out after {got} of {n} bytes")
-            sock.settimeout(left)
-        try:
-            k = sock.recv_into(view[got:], min(n - got, 1 << 20))
-        except TimeoutError:
-            raise FrameError("timeout", f"timed out after {got} of {n} bytes") from None
-        if k == 0:
-            raise FrameError("closed", f"peer closed the connection after {got} of {n} bytes")
-        got += k
-    return bytes(buf)
+        # Each buffer is as large as what has arrived so far (at least HEADER_LIMIT, at most _CHUNK), so a
+        # big value still arrives in few buffers while an announced size is never allocated in advance.
+        buf = bytearray(min(n - got, _CHUNK, max(HEADER_LIMIT, got)))
+        view, filled = memoryview(buf), 0
+        while filled < len(buf):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FrameError("timeout", f"timed out after {got + filled} of {n} bytes")
+                sock.settimeout(left)
+            try:
+                k = sock.recv_into(view[filled:])
+            except TimeoutError:
+                raise FrameError("timeout", f"timed out after {got + filled} of {n} bytes") from None
+            if k == 0:
+                raise FrameError("closed", f"peer closed the connection after {got + filled} of {n} bytes")
+            filled += k
+        chunks.append(buf)
+        got += filled
+    return bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
 
 
 def recv_frame(sock: socket.socket, limit: int, deadline: float | None = None) -> bytes:
@@ -160,7 +172,7 @@ def _format_addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-# --- the table (shared by the server's connections and the launcher) --------------------------------------
+# --- client ---------------------------------------------------------------------------------------------
 
 
 class StoreClient:
@@ -276,7 +288,17 @@ class StoreClient:
         return reply, value
 
     def _timeout(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else max(0.0, float(timeout))
+        """Seconds a blocking op may wait: negative means 0, anything over MAX_WAIT_S (inf too) means MAX_WAIT_S."""
+        if timeout is None:
+            return self.timeout
+        try:
+            seconds = float(timeout)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
+        if math.isnan(seconds):
+            raise RendezvousError("a rendezvous timeout must be a number of seconds, not NaN",
+                                  hint="pass a number of seconds, or None for the client's default")
+        return min(max(0.0, seconds), MAX_WAIT_S)
 
     def set(self, key: str, value: bytes) -> None:
         """Store bytes under `key`."""
@@ -358,69 +380,3 @@ def _key_list(keys: Iterable[str]) -> list[str]:
 def _reach_hint(port: int) -> str:
     return (f"the launcher on the master must be running; check that MASTER_ADDR is an address of the master "
             f"that this host can reach and that no firewall blocks port {port}")
-
-
-def start_heartbeat(client: StoreClient, rank: int, interval: float = 2.0, *, progress: Progress | None = None,
-                    launcher_timeout: float | None = None,
-                    on_lost: Callable[[float], None] | None = None) -> threading.Event:
-    """Beat for `rank` every `interval` s on a connection of its own until the returned event is set.
-
-    Each beat carries `progress`'s snapshot (for the launcher's watchdog) and stores the launcher's reply
-    in `progress.control`. The first beat is sent before returning (so a failure to connect raises here).
-    A failed beat is retried on a new connection every interval; with `launcher_timeout`, once no beat
-    has got through for that long, `on_lost(seconds)` runs (default: `end_this_rank`), so a rank on a
-    partitioned host does not linger once the launcher has given up on it. Without it the thread stops
-    after one line on stderr and the launcher notices the silence.
-    """
-    request_timeout = max(1.0, min(5.0, 2.5 * interval))  # a partition must not hold a beat for 30 s
-    beater = client.clone(timeout=request_timeout)  # a barrier on `client` must not delay the heartbeat
-    try:
-        beater.heartbeat(rank, progress.snapshot() if progress else None)
-    except BaseException:
-        beater.close()
-        raise
-    stop = threading.Event()
-    lost = on_lost or end_this_rank
-
-    def beat() -> None:
-        nonlocal beater
-        last_ok = time.monotonic()
-        try:
-            while not stop.wait(interval):
-                try:
-                    if beater is None:
-                        beater = client.clone(timeout=request_timeout, connect_timeout=request_timeout)
-                    control = beater.heartbeat(rank, progress.snapshot() if progress else None)
-                    last_ok = time.monotonic()
-                    if progress is not None:
-                        progress.control = control
-                except RendezvousError as e:
-                    if stop.is_set():
-                        return
-                    if launcher_timeout is None:
-                        sys.stderr.write(f"macrun: rank {rank} stopped its heartbeat: {e}\n")
-                        return
-                    if beater is not None:
-                        beater.close()
-                        beater = None
-                    silent = time.monotonic() - last_ok
-                    if silent >= launcher_timeout:
-                        lost(silent)
-                        return
-        finally:
-            if beater is not None:
-                beater.close()
-
-    threading.Thread(target=beat, name=f"rendezvous-heartbeat-{rank}", daemon=True).start()
-    return stop
-
-
-def end_this_rank(silent: float) -> None:
-    """The launcher is out of reach: say so and end this process's whole group (the rank and its helpers)."""
-    sys.stderr.write(f"macrun: no contact with the launcher for {silent:.0f} s; this rank ends itself\n")
-    sys.stderr.flush()
-    try:
-        os.killpg(os.getpgrp(), signal.SIGTERM)
-    except OSError:
-        pass
-    os._exit(EXIT_LAUNCHER_LOST)  # only reached if SIGTERM is caught or ignored

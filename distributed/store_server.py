@@ -1,6 +1,8 @@
 """The rendezvous store's server side: the launcher serves it on the master (see distributed.store for the protocol).
 
-It lives beside the client because both share the framing and proof code; ranks import only the client.
+This module is the network side: the listener, the handshake and one thread per authenticated connection.
+The data and the ops live in distributed.store_ops, the caps and the log rate limit in
+distributed.store_guard. Ranks import only the client.
 """
 
 from __future__ import annotations
@@ -8,14 +10,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import math
 import secrets
 import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from distributed.errors import RendezvousError
@@ -35,163 +35,30 @@ from distributed.store import (
     recv_frame,
     send_frame,
 )
+from distributed.store_guard import Admission, LogLimiter
+from distributed.store_ops import OpError, Table, decode_header, dispatch
 
-
-class _OpError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-@dataclass
-class _Barrier:
-    world_size: int
-    arrived: int = 0
-    generation: int = 0
-
-
-class _Table:
-    """The data and its one condition variable; every blocking op waits on it."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.data: dict[str, bytes] = {}
-        self.barriers: dict[str, _Barrier] = {}
-        self.beats: dict[int, float] = {}
-        self.progress: dict[int, dict[str, Any]] = {}  # rank -> its last report, "since": when its step changed
-        self.control: dict[str, Any] = {}  # what the launcher asks of every rank (e.g. {"stop": true})
-        self.closed = False
-
-    def _wait(self, ready: Callable[[], bool], timeout: float) -> bool:
-        ok = self.cond.wait_for(lambda: self.closed or ready(), timeout)
-        if self.closed:
-            raise _OpError("closing", "the rendezvous store is shutting down")
-        return ok
-
-    def set(self, key: str, value: bytes) -> None:
-        with self.cond:
-            self.data[key] = bytes(value)
-            self.cond.notify_all()
-
-    def get(self, key: str, timeout: float) -> bytes:
-        with self.cond:
-            if not self._wait(lambda: key in self.data, timeout):
-                raise _OpError("timeout", f"key {key!r} did not appear within {timeout:g} s")
-            return self.data[key]
-
-    def check(self, keys: list[str]) -> bool:
-        with self.cond:
-            return all(k in self.data for k in keys)
-
-    def wait(self, keys: list[str], timeout: float) -> None:
-        with self.cond:
-            if not self._wait(lambda: all(k in self.data for k in keys), timeout):
-                missing = [k for k in keys if k not in self.data]
-                raise _OpError("timeout", f"keys {missing} did not appear within {timeout:g} s")
-
-    def add(self, key: str, amount: int) -> int:
-        with self.cond:
-            try:
-                value = int(self.data.get(key, b"0")) + amount
-            except ValueError:
-                raise _OpError("bad_request", f"key {key!r} holds a value that is not a counter") from None
-            self.data[key] = str(value).encode()
-            self.cond.notify_all()
-            return value
-
-    def delete(self, key: str) -> bool:
-        with self.cond:
-            return self.data.pop(key, None) is not None
-
-    def barrier(self, name: str, world_size: int, timeout: float) -> None:
-        with self.cond:
-            state = self.barriers.setdefault(name, _Barrier(world_size))
-            if state.world_size != world_size:
-                if state.arrived:
-                    raise _OpError("bad_request", f"barrier {name!r} called with world size {world_size} "
-                                                  f"while others wait with {state.world_size}")
-                state.world_size = world_size
-            generation = state.generation
-            state.arrived += 1
-            if state.arrived == world_size:
-                state.arrived, state.generation = 0, generation + 1
-                self.cond.notify_all()
-                return
-            if not self._wait(lambda: state.generation != generation, timeout):
-                arrived = state.arrived
-                state.arrived -= 1  # we leave, so a retry counts us once
-                raise _OpError("timeout", f"barrier {name!r} timed out after {timeout:g} s with "
-                                          f"{arrived} of {world_size} ranks arrived")
-
-    def heartbeat(self, rank: int, progress: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Stamp `rank` alive, keep its progress report; returns the launcher's control requests."""
-        with self.cond:
-            now = self.beats[rank] = time.monotonic()
-            if progress is not None:
-                before = self.progress.get(rank)
-                moved = before is None or before.get("step") != progress.get("step")
-                self.progress[rank] = {**progress, "since": now if moved else before["since"]}  # type: ignore[index]
-            return dict(self.control)
-
-    def progress_report(self) -> dict[int, dict[str, Any]]:
-        """Each rank's last progress report, with "stalled": seconds since its step last changed."""
-        now = time.monotonic()
-        with self.cond:
-            return {rank: {**p, "stalled": now - p["since"]} for rank, p in self.progress.items()}
-
-    def heartbeat_ages(self) -> dict[int, float]:
-        now = time.monotonic()
-        with self.cond:
-            return {rank: now - t for rank, t in self.beats.items()}
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-
-def _valid_progress(p: Any) -> bool:
-    """A rank's progress report, as distributed.progress.Progress.snapshot makes it (the watchdog reads it)."""
-    def integer(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-    def seconds(v: Any) -> bool:
-        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0)
-
-    return (isinstance(p, dict) and integer(p.get("step")) and integer(p.get("collectives", 0))
-            and isinstance(p.get("doing", ""), str) and isinstance(p.get("leave", ""), str)
-            and seconds(p.get("step_s")) and seconds(p.get("max_step_s")))
-
-
-def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...], low: float | None = None) -> Any:
-    value = header.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) or (low is not None and value < low):
-        raise _OpError("bad_request", f"request field {name!r} is missing or invalid")
-    return value
-
-
-def _keys(header: dict[str, Any]) -> list[str]:
-    keys = _field(header, "keys", list)
-    if not all(isinstance(k, str) for k in keys):
-        raise _OpError("bad_request", "request field 'keys' must be a list of strings")
-    return keys
-
-
-# --- server ---------------------------------------------------------------------------------------------
+ACCEPT_PAUSE_MAX = 0.5  # the longest pause between accept() calls that fail (out of file descriptors)
 
 
 class StoreServer:
     """Serves the store from daemon threads, one per connection; the launcher also uses it directly."""
 
     def __init__(self, host: str = "0.0.0.0", port: int = 0, secret: str = "",
-                 on_log: Callable[[str], None] | None = None, handshake_timeout: float = 5.0) -> None:
-        """`secret` is required (an empty one is refused); `on_log` gets one line per refused or dropped peer
-        (default: the "macrun.rendezvous" logger); `handshake_timeout` bounds an unauthenticated peer."""
+                 on_log: Callable[[str], None] | None = None, handshake_timeout: float = 5.0, *,
+                 max_pending: int = 64, max_pending_per_peer: int = 16,
+                 log_burst: int = 5, log_interval: float = 10.0) -> None:
+        """`secret` is required (an empty one is refused). `on_log` gets a line per refused or dropped peer
+        (default: the "macrun.rendezvous" logger), at most `log_burst` per peer address in `log_interval` s;
+        the lines beyond are counted into that address's next line. `handshake_timeout` bounds an
+        unauthenticated peer; at most `max_pending` of them (`max_pending_per_peer` per address) are
+        served at once, and connections over either cap are closed as soon as they are accepted."""
         self.host, self._port = host, port
         self._secret = _Secret(secret)
-        self._log = on_log or logging.getLogger("macrun.rendezvous").warning
+        self._log = LogLimiter(on_log or logging.getLogger("macrun.rendezvous").warning, log_burst, log_interval)
         self._handshake_timeout = handshake_timeout
-        self._table = _Table()
+        self._admission = Admission(max_pending, max_pending_per_peer)
+        self._table = Table()
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._refused = 0
@@ -206,9 +73,14 @@ class StoreServer:
 
     @property
     def refused(self) -> int:
-        """How many connections failed authentication so far."""
+        """How many connections were refused: failed authentication, or over a cap on unauthenticated ones."""
         with self._lock:
             return self._refused
+
+    @property
+    def pending(self) -> int:
+        """How many connections are still in the handshake (not yet authenticated)."""
+        return self._admission.pending
 
     def start(self) -> None:
         """Bind, listen and accept in a daemon thread."""
@@ -231,29 +103,53 @@ class StoreServer:
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
-        with selectors.DefaultSelector() as sel, self._wake_r:
+        pause = 0.0
+        # Both selectors are made up front: once descriptors run out, a new one could not be.
+        with selectors.DefaultSelector() as sel, selectors.DefaultSelector() as idle, self._wake_r:
             sel.register(self._listener, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)  # close() writes here to stop us
+            idle.register(self._wake_r, selectors.EVENT_READ)
             while not self._closed:
-                for key, _ in sel.select():
-                    if key.fileobj is self._wake_r:
+                if any(key.fileobj is self._wake_r for key, _ in sel.select()):
+                    return
+                try:
+                    conn, addr = self._listener.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue  # nothing there after all, or the peer gave up before we took it
+                except OSError as e:
+                    # Out of file descriptors (EMFILE/ENFILE) or buffers: the listener stays readable, so
+                    # retrying at once would spin a core. Pause, doubling up to ACCEPT_PAUSE_MAX; the
+                    # handshake timeout meanwhile frees the descriptors that silent peers hold.
+                    pause = min(max(2 * pause, 0.01), ACCEPT_PAUSE_MAX)
+                    self._log("accept", f"rendezvous: cannot accept connections ({e.strerror or e}); "
+                                        f"retrying in up to {ACCEPT_PAUSE_MAX:g} s", more="accept failures")
+                    if idle.select(pause):
                         return
-                    try:
-                        conn, addr = self._listener.accept()
-                    except OSError:
-                        continue
-                    peer = _format_addr(addr[0], addr[1])
-                    threading.Thread(target=self._serve, args=(conn, peer), name=f"rendezvous-{peer}",
-                                     daemon=True).start()
+                    continue
+                pause = 0.0
+                self._admit(conn, addr[0], _format_addr(addr[0], addr[1]))
 
-    def _refuse(self, peer: str, reason: str) -> None:
+    def _admit(self, conn: socket.socket, host: str, peer: str) -> None:
+        refusal = self._admission.admit(host)
+        if refusal is None:
+            try:
+                threading.Thread(target=self._serve, args=(conn, host, peer), name=f"rendezvous-{peer}",
+                                 daemon=True).start()
+                return
+            except RuntimeError:  # no thread could be started: the same as a cap, for this connection
+                self._admission.settle(host)
+                refusal = "no thread left to serve it"
+        conn.close()
+        self._refuse(host, peer, refusal)
+
+    def _refuse(self, host: str, peer: str, reason: str) -> None:
         if self._closed:
             return
         with self._lock:
             self._refused += 1
-        self._log(f"rendezvous: refused {peer} ({reason})")
+        self._log(host, f"rendezvous: refused {peer} ({reason})")
 
-    def _handshake(self, conn: socket.socket, peer: str) -> bool:
+    def _handshake(self, conn: socket.socket, host: str, peer: str) -> bool:
         deadline = time.monotonic() + self._handshake_timeout
         server_nonce = secrets.token_bytes(NONCE_BYTES)
         try:
@@ -263,92 +159,74 @@ class StoreServer:
         except FrameError as e:
             reasons = {"timeout": f"no proof within {self._handshake_timeout:g} s",
                        "closed": "closed before proof"}
-            self._refuse(peer, reasons.get(e.kind, "malformed handshake"))
+            self._refuse(host, peer, reasons.get(e.kind, "malformed handshake"))
             return False
         except OSError:
-            self._refuse(peer, "closed before proof")
+            self._refuse(host, peer, "closed before proof")
             return False
         if len(answer) != 2 * NONCE_BYTES:
-            self._refuse(peer, "malformed handshake")
+            self._refuse(host, peer, "malformed handshake")
             return False
         client_nonce, proof = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
         if not hmac.compare_digest(proof, self._secret.proof(server_nonce, client_nonce, _CLIENT_LABEL)):
-            self._refuse(peer, "bad proof")
+            self._refuse(host, peer, "bad proof")
             send_frame(conn, _REJECT)
             return False
         send_frame(conn, _ACCEPT + self._secret.proof(client_nonce, server_nonce, _SERVER_LABEL))
         conn.settimeout(None)  # authenticated: requests may block for as long as their own timeout says
         return True
 
-    def _serve(self, conn: socket.socket, peer: str) -> None:
+    def _serve(self, conn: socket.socket, host: str, peer: str) -> None:
+        settled = False
         with self._lock:
             if self._closed:
+                self._admission.settle(host)
                 conn.close()
                 return
             self._conns.add(conn)
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            if not self._handshake(conn, peer):
-                return
-            while not self._closed:
-                try:
-                    header = json.loads(recv_frame(conn, HEADER_LIMIT))
-                    if not isinstance(header, dict):
-                        raise ValueError("not an object")
-                    body = recv_frame(conn, VALUE_LIMIT) if header.get("body") else None
-                except ValueError:
-                    self._log(f"rendezvous: dropped {peer} (bad request header)")
-                    return
-                reply, value = self._dispatch(header, body)
-                send_frame(conn, json.dumps(reply).encode())
-                if value is not None:
-                    send_frame(conn, value)
+            authenticated = self._handshake(conn, host, peer)
+            self._admission.settle(host)
+            settled = True
+            if authenticated:
+                self._serve_requests(conn, host, peer)
         except FrameError as e:
             if e.kind != "closed" and not self._closed:
-                self._log(f"rendezvous: dropped {peer} ({e})")
+                self._log(host, f"rendezvous: dropped {peer} ({e})")
         except OSError:
             pass  # the peer went away; its rank's own failure is reported by the launcher
         finally:
+            if not settled:
+                self._admission.settle(host)
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
 
-    def _dispatch(self, h: dict[str, Any], body: bytes | None) -> tuple[dict[str, Any], bytes | None]:
-        t = self._table
-        op = h.get("op")
-        try:
-            blocking = op in ("get", "wait", "barrier")
-            timeout = float(_field(h, "timeout", (int, float), 0)) if blocking else 0.0
-            if op == "set":
-                if body is None:
-                    raise _OpError("bad_request", "set needs a value frame")
-                t.set(_field(h, "key", str), body)
-                return {"ok": True}, None
-            if op == "get":
-                return {"ok": True, "body": True}, t.get(_field(h, "key", str), timeout)
-            if op == "check":
-                return {"ok": True, "value": t.check(_keys(h))}, None
-            if op == "add":
-                return {"ok": True, "value": t.add(_field(h, "key", str), _field(h, "amount", int))}, None
-            if op == "wait":
-                t.wait(_keys(h), timeout)
-                return {"ok": True}, None
-            if op == "delete":
-                return {"ok": True, "value": t.delete(_field(h, "key", str))}, None
-            if op == "barrier":
-                t.barrier(_field(h, "name", str), _field(h, "world_size", int, 1), timeout)
-                return {"ok": True}, None
-            if op == "heartbeat":
-                progress = h.get("progress")
-                if progress is not None and not _valid_progress(progress):
-                    raise _OpError("bad_request", "heartbeat progress must be an object with integer step and "
-                                                  "collectives, text doing, and step_s/max_step_s numbers or null")
-                control = t.heartbeat(_field(h, "rank", int, 0), progress)
-                return {"ok": True, "control": control}, None
-            raise _OpError("bad_request", f"unknown op {op!r}")
-        except _OpError as e:
-            return {"ok": False, "error": e.code, "message": e.message}, None
+    def _serve_requests(self, conn: socket.socket, host: str, peer: str) -> None:
+        while not self._closed:
+            try:
+                header = decode_header(recv_frame(conn, HEADER_LIMIT))
+            except OpError as e:  # framed, but refused unread: answer, then close (a value frame may follow)
+                send_frame(conn, json.dumps(e.reply()).encode())
+                self._log(host, f"rendezvous: dropped {peer} ({e.message})")
+                return
+            except ValueError:
+                self._log(host, f"rendezvous: dropped {peer} (bad request header)")
+                return
+            body = recv_frame(conn, VALUE_LIMIT) if header.get("body") else None
+            try:
+                reply, value = dispatch(self._table, header, body)
+                payload = json.dumps(reply).encode()
+            except Exception as e:  # a bug costs this request an error reply, not the thread and a traceback
+                self._log(host, f"rendezvous: a request from {peer} failed ({type(e).__name__}: {e})"[:300])
+                reply, value = {"ok": False, "error": "internal", "message": "the rendezvous store failed on "
+                                f"this request ({type(e).__name__})"}, None
+                payload = json.dumps(reply).encode()
+            send_frame(conn, payload)
+            if value is not None:
+                send_frame(conn, value)
 
     # The launcher's direct access (same data, no socket).
     def set(self, key: str, value: bytes) -> None:
@@ -364,7 +242,7 @@ class StoreServer:
         """Atomically add to the counter under `key`; returns the new value."""
         try:
             return self._table.add(key, amount)
-        except _OpError as e:
+        except OpError as e:
             raise RendezvousError(e.message) from None
 
     def set_json(self, key: str, obj: Any) -> None:
@@ -421,6 +299,3 @@ class StoreServer:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "serving" if self._listener else "not started"
         return f"StoreServer({_format_addr(self.host, self.port)}, {state}, refused={self.refused})"
-
-
-# --- client ---------------------------------------------------------------------------------------------

@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = (env.rank, env.world_size) if env else (0, 1)
         heartbeat = client = None
         if env is not None and env.world_size > 0 and os.environ.get("MACRUN_SECRET"):
+            from distributed.heartbeat import start_heartbeat
             from distributed.links import list_links
-            from distributed.store import StoreClient, start_heartbeat
+            from distributed.store import StoreClient
 
             client = StoreClient.from_env(env)
             heartbeat = start_heartbeat(client, env.rank, progress=PROGRESS,

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from distributed.errors import RendezvousError
+from distributed.heartbeat import start_heartbeat
 from distributed.progress import Progress
-from distributed.store import StoreClient, start_heartbeat
+from distributed.store import StoreClient
 from distributed.store_server import StoreServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -18,6 +18,7 @@ import pytest
 from distributed import store
 from distributed.env import RankEnv
 from distributed.errors import RendezvousError
+from distributed.heartbeat import start_heartbeat
 from distributed.store import (
     MAGIC,
     NONCE_BYTES,
@@ -25,7 +26,6 @@ from distributed.store import (
     new_secret,
     recv_frame,
     send_frame,
-    start_heartbeat,
 )
 from distributed.store_server import StoreServer
 
