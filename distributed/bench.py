@@ -139,7 +139,7 @@ class Collectives:
         self.env = env
         self.dtype_name = dtype
         self.dtype = getattr(mx, dtype)
-        self.group = mx.distributed.init(backend="ring", strict=True)
+        self.group = mx.distributed.init(backend=env.mlx_backend, strict=True)  # "jaccl" when chosen
         self.rank, self.world = self.group.rank(), self.group.size()
 
     def agree_max(self, values: Sequence[float]) -> list[float]:

@@ -102,6 +102,9 @@ class StrategyConfig:
     nesterov: bool = _f(True, "DiLoCo: use Nesterov momentum in the outer step.")
     exchange_dtype: str = _f("float32", "DiLoCo: precision of the pseudo-gradient exchange.",
                              choices=("float32", "bfloat16", "float16", "int8"))
+    backend: str = _f("auto", "Collective backend: auto (jaccl, RDMA over Thunderbolt 5, when every pair of Macs "
+                      "has it, else the TCP ring), ring, jaccl (full mesh) or jaccl-ring (ring neighbours).",
+                      choices=("auto", "ring", "jaccl", "jaccl-ring"))
 
 
 @dataclass(kw_only=True, slots=True)

@@ -5,6 +5,13 @@ MASTER_PORT) so `init_method="env://"` scripts work; MLX_RANK and MLX_HOSTFILE s
 `mx.distributed.init()` works; MACRUN_* for macrun's own worker. MASTER_ADDR/MASTER_PORT point at
 macrun's rendezvous store; a PyTorch script gets its own port (MASTER_PORT is free for it to use
 only when macrun's worker is not running, see README).
+
+With the jaccl backend (RDMA over Thunderbolt) a rank instead gets what MLX's own launcher sets (MLX
+0.32.4): MLX_IBV_DEVICES (the path of the N×N device matrix), MLX_JACCL_COORDINATOR (rank 0's ip:port)
+and, for jaccl-ring, MLX_JACCL_RING=1; and *no* MLX_HOSTFILE, because `mx.distributed.init()` tries the
+ring first whenever MLX_HOSTFILE is set. The ring hostfile, which macrun's worker still uses to probe the
+TCP links, moves to MACRUN_HOSTFILE; MACRUN_BACKEND names the backend, and macrun's own ranks call
+`mx.distributed.init(backend=env.mlx_backend)`.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass, field
 from distributed.errors import EnvContractError
 
 LINKS = ("thunderbolt", "network", "local")
+BACKENDS = ("ring", "jaccl", "jaccl-ring")  # MACRUN_BACKEND: what launcher/backend.py chose
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +40,14 @@ class RankEnv:
     mlx_hostfile: str | None = None
     store_addr: str | None = None  # macrun's rendezvous store (MACRUN_STORE_ADDR); defaults to master_addr
     store_port: int | None = None  # macrun's rendezvous store (MACRUN_STORE_PORT); defaults to master_port
+    backend: str = "ring"  # MACRUN_BACKEND: "ring" | "jaccl" | "jaccl-ring"
+    jaccl_coordinator: str | None = None  # MLX_JACCL_COORDINATOR, "ip:port" of rank 0 (jaccl only)
+    ibv_devices: str | None = None  # MLX_IBV_DEVICES: path of the JSON device matrix (jaccl only)
+
+    @property
+    def mlx_backend(self) -> str:
+        """The name `mx.distributed.init(backend=...)` takes: "jaccl" for both jaccl variants, else "ring"."""
+        return "jaccl" if self.backend.startswith("jaccl") else "ring"
 
     def to_environ(self) -> dict[str, str]:
         env = {
@@ -48,8 +64,17 @@ class RankEnv:
             "MACRUN_STORE_ADDR": self.store_addr or self.master_addr,
             "MACRUN_STORE_PORT": str(self.store_port if self.store_port is not None else self.master_port),
         }
+        if self.backend == "ring":
+            if self.mlx_hostfile:
+                env["MLX_HOSTFILE"] = self.mlx_hostfile
+            return env
+        env["MACRUN_BACKEND"] = self.backend
         if self.mlx_hostfile:
-            env["MLX_HOSTFILE"] = self.mlx_hostfile
+            env["MACRUN_HOSTFILE"] = self.mlx_hostfile
+        env["MLX_IBV_DEVICES"] = self.ibv_devices or ""
+        env["MLX_JACCL_COORDINATOR"] = self.jaccl_coordinator or ""
+        if self.backend == "jaccl-ring":
+            env["MLX_JACCL_RING"] = "1"
         return env
 
     @classmethod
@@ -84,10 +109,16 @@ class RankEnv:
         link = e.get("MACRUN_LINK", "local")
         if link not in LINKS:
             raise EnvContractError(f"MACRUN_LINK={link!r} is not one of {', '.join(LINKS)}")
+        backend = e.get("MACRUN_BACKEND") or "ring"
+        if backend not in BACKENDS:
+            raise EnvContractError(f"MACRUN_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
+        jaccl = backend != "ring"
         master_port = number("MASTER_PORT", 1)
         store_port = int(e["MACRUN_STORE_PORT"]) if e.get("MACRUN_STORE_PORT") else master_port
         return cls(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
                    master_addr=need("MASTER_ADDR"), master_port=master_port,
                    run_id=need("MACRUN_RUN_ID"), secret=need("MACRUN_SECRET"), link=link,
-                   mlx_hostfile=e.get("MLX_HOSTFILE") or None,
-                   store_addr=e.get("MACRUN_STORE_ADDR") or None, store_port=store_port)
+                   mlx_hostfile=e.get("MACRUN_HOSTFILE" if jaccl else "MLX_HOSTFILE") or None,
+                   store_addr=e.get("MACRUN_STORE_ADDR") or None, store_port=store_port, backend=backend,
+                   jaccl_coordinator=need("MLX_JACCL_COORDINATOR") if jaccl else None,
+                   ibv_devices=need("MLX_IBV_DEVICES") if jaccl else None)

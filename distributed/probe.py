@@ -1,4 +1,4 @@
-"""Describe this machine as one JSON object: Python, OS, chip, memory, disk, battery, MLX, interfaces.
+"""Describe this machine as one JSON object: Python, OS, chip, memory, disk, battery, MLX, interfaces, RDMA.
 
 The launcher runs it on every host over SSH without copying it first:
 
@@ -6,7 +6,9 @@ The launcher runs it on every host over SSH without copying it first:
 
 Standard library only, and Python 3.9 syntax (macOS's system Python), so it can report a host that is
 not ready rather than crash on it. Parsers are pure functions of command output, tested on recorded
-output from macOS and Linux; the `collect_*` functions run the commands.
+output from macOS and Linux; the `collect_*` functions run the commands. RDMA over Thunderbolt is the
+exception: the probe hands back the raw output of its commands (bounded, each with its own timeout) and
+the launcher parses it (launcher/rdma.py), which keeps this script small.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 CMD_TIMEOUT_S = 5.0
@@ -215,11 +218,13 @@ def _read(path: str) -> str:
         return ""
 
 
-def collect_interfaces(system: str) -> list[Interface]:
-    """Network interfaces with IPv4 addresses, Thunderbolt links marked."""
+def collect_interfaces(system: str, ports: dict[str, str] | None = None) -> list[Interface]:
+    """Network interfaces with IPv4 addresses, Thunderbolt links marked (macOS: `ports` from networksetup)."""
     if system == "Darwin":
         found = parse_ifconfig(_run(["ifconfig"]))
-        classify_macos(found, parse_hardware_ports(_run(["networksetup", "-listallhardwareports"])))
+        if ports is None:
+            ports = parse_hardware_ports(_run(["networksetup", "-listallhardwareports"]))
+        classify_macos(found, ports)
     else:
         text = _run(["ip", "-j", "-4", "addr"]) if shutil.which("ip") else ""
         try:
@@ -326,6 +331,72 @@ def finish_mlx_check(proc: subprocess.Popen | None) -> dict[str, Any]:
     return {"version": None, "device": None, "error": reason}
 
 
+# RDMA over Thunderbolt (macOS 26.2+): the verbs devices, their port states, and which Thunderbolt port
+# faces which Mac. Started together at the start of the probe and read at its end, so they add no time.
+RDMA_COMMANDS = {"ibv_devices": ["ibv_devices"], "ibv_devinfo": ["ibv_devinfo"],
+                 "thunderbolt": ["system_profiler", "SPThunderboltDataType", "-json"]}
+RDMA_TIMEOUT_S = 5.0  # system_profiler can take a second or two on a Mac that just woke up
+RDMA_MAX_CHARS = 256 * 1024  # a Mac Studio's six ports print a few kB; more is not these commands' output
+
+
+def start_rdma_commands(system: str) -> dict[str, Any]:
+    """On macOS, start the RDMA commands (read by finish_rdma_commands); nothing elsewhere."""
+    if system != "Darwin":
+        return {}
+    started: dict[str, Any] = {}
+    for key, argv in RDMA_COMMANDS.items():
+        try:
+            started[key] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError as exc:  # not installed (before macOS 26.2), not executable, ...
+            started[key] = f"{argv[0]} did not start: {exc.strerror or exc}"
+    return started
+
+
+def finish_rdma_commands(started: dict[str, Any], hardware_ports: dict[str, str],
+                         timeout: float = RDMA_TIMEOUT_S) -> dict[str, Any]:
+    """The raw outputs, {} off macOS: {command key: text, "hardware_ports": {...}, "notes": [why empty]}.
+
+    Never raises: a missing command, a hung one (killed after `timeout` s) or a failing one gives "" and
+    a note, so a Mac without RDMA is reported, not lost.
+    """
+    if not started:
+        return {}
+    found: dict[str, Any] = {"hardware_ports": hardware_ports, "notes": []}
+    deadline = time.monotonic() + timeout
+    for key, proc in started.items():
+        found[key] = ""
+        if isinstance(proc, str):
+            found["notes"].append(proc)
+            continue
+        if key == "thunderbolt" and not _lists_devices(found.get("ibv_devices", "")):
+            # No RDMA device: the cable map would serve nothing, and system_profiler can take a second or
+            # more. Every launch waits for the probe, so stop it rather than wait for it.
+            proc.kill()
+            proc.communicate()
+            continue
+        name = RDMA_COMMANDS[key][0]
+        try:
+            out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            found["notes"].append(f"{name} took more than {timeout:g} s")
+            continue
+        except OSError as exc:
+            found["notes"].append(f"{name} failed: {exc}")
+            continue
+        found[key] = out.decode("utf-8", "replace")[:RDMA_MAX_CHARS]
+        if proc.returncode != 0 and not found[key].strip():
+            found["notes"].append(f"{name} exited with status {proc.returncode}")
+    return found
+
+
+def _lists_devices(ibv_devices: str) -> bool:
+    """Whether `ibv_devices` output names at least one device (below its two header lines)."""
+    return any(line.split() and not line.lstrip().startswith(("device", "------"))
+               for line in ibv_devices.splitlines())
+
+
 # Debian/Ubuntu's threaded OpenBLAS. MLX's Linux CPU build ships a reference BLAS; preloading this one
 # made a small GPT's training 7x faster with identical losses (DESIGN.md, "MLX on Linux").
 OPENBLAS_PATHS = ("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -393,7 +464,10 @@ def collect(workdir: str, known_mlx: str | None = None, ports: int = 0) -> dict[
     cached = fingerprint is not None and fingerprint == known_mlx
     mlx_proc = None if cached else start_mlx_check()
     system = platform.system()
+    rdma_procs = start_rdma_commands(system)
+    hardware_ports: dict[str, str] | None = None
     if system == "Darwin":
+        hardware_ports = parse_hardware_ports(_run(["networksetup", "-listallhardwareports"]))
         os_version = platform.mac_ver()[0]
         chip = _run(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
         memory = int(_run(["sysctl", "-n", "hw.memsize"]).strip() or 0)
@@ -420,11 +494,12 @@ def collect(workdir: str, known_mlx: str | None = None, ports: int = 0) -> dict[
         "disk_path": disk_path,
         "disk_free_bytes": disk_free,
         "battery": collect_battery(system),
-        "interfaces": collect_interfaces(system),
+        "interfaces": collect_interfaces(system, hardware_ports),
         "mlx": {"cached": True} if cached else finish_mlx_check(mlx_proc),
         "mlx_fingerprint": fingerprint,
         "free_ports": free_ports(ports),
         "openblas": find_openblas(system),
+        "rdma": finish_rdma_commands(rdma_procs, hardware_ports or {}),
     }
 
 

@@ -99,7 +99,7 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None) -> tup
         return LocalStrategy(), "one rank: nothing to exchange"
     import mlx.core as mx
 
-    group = mx.distributed.init(backend="ring", strict=True)
+    group = mx.distributed.init(backend=env.mlx_backend, strict=True)  # "jaccl" when the launcher chose it
     mode = cfg.strategy.mode
     reason = f"strategy.mode={mode}"
     if mode == "auto":

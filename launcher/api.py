@@ -19,7 +19,7 @@ from pathlib import Path
 
 import distributed
 from distributed.env import RankEnv
-from distributed.errors import MacrunError
+from distributed.errors import MacrunError, UsageError
 from distributed.store import new_secret
 from distributed.store_server import StoreServer
 from launcher.hosts import HostSpec, layout_ranks, local_hosts
@@ -48,6 +48,7 @@ class LaunchSpec:
     heartbeat_timeout: float = 60.0  # a rank silent this long is lost (training runs pass fault.heartbeat_timeout)
     grace: float = 5.0
     link: str = "auto"  # hosts' ring: auto (Thunderbolt if every neighbour pair is cabled) | thunderbolt | network
+    backend: str = "auto"  # collectives: auto | ring | jaccl | jaccl-ring (RDMA over Thunderbolt, launcher/backend.py)
     progress_timeout: float | None = None  # ranks report progress (training): the watchdog's timeout, 0 = auto
     graceful_stop: bool = False  # the first Ctrl-C asks the ranks to checkpoint and stop (training)
     min_battery: float = 20.0  # refuse a host on battery below this percentage (0: never)
@@ -130,6 +131,9 @@ def _launch_local(spec: LaunchSpec, *, emit: Callable[[str], None],
                   on_ready: Callable[[list[RankSpec]], None] | None) -> RunResult:
     if spec.nproc < 1:
         raise MacrunError(f"--nproc must be at least 1, got {spec.nproc}")
+    if spec.backend.startswith("jaccl"):
+        raise UsageError(f"--backend {spec.backend} needs --hosts: RDMA runs between Macs, one rank on each",
+                         hint="give a hosts file of Macs cabled with Thunderbolt 5, or leave --backend at auto")
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     slots = layout_ranks(local_hosts(spec.nproc))
     secret, run_id = new_secret(), f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"

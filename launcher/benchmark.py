@@ -52,6 +52,7 @@ class BenchmarkSpec:
     hosts: Sequence[HostSpec] | None = None
     nproc: int = 2
     link: str = "auto"
+    backend: str = "auto"  # auto | ring | jaccl | jaccl-ring (launcher/backend.py)
     accept_new_host_keys: bool = False
     run_dir: Path = field(default_factory=lambda: Path("runs").resolve() / "benchmark")
 
@@ -116,7 +117,8 @@ def run_benchmark(spec: BenchmarkSpec, *, emit: Callable[[str], None] = print,
     """Launch the benchmark on the spec's ranks; returns how the run ended and the report."""
     collector = BenchmarkCollector(emit, on_event)
     launch_spec = LaunchSpec(argv=bench_argv(spec), run_dir=spec.run_dir, name="benchmark", hosts=spec.hosts,
-                             nproc=spec.nproc, link=spec.link, accept_new_host_keys=spec.accept_new_host_keys)
+                             nproc=spec.nproc, link=spec.link, backend=spec.backend,
+                             accept_new_host_keys=spec.accept_new_host_keys)
     result = launch(launch_spec, emit=collector.line, on_ready=collector.ready)
     return result, build_report(spec, collector, result.exit_code)
 
@@ -227,7 +229,7 @@ def read_report(path: Path) -> dict[str, Any]:
 
 def plan_benchmark(kind: str, sizes: str | None, *, dtype: str = "float32", iters: int = 20, warmup: int = 2,
                    budget_s: float = 10.0, hosts: Sequence[HostSpec] | None = None, nproc: int = 2,
-                   link: str = "auto", accept_new_host_keys: bool = False) -> BenchmarkSpec:
+                   link: str = "auto", backend: str = "auto", accept_new_host_keys: bool = False) -> BenchmarkSpec:
     """Validate the command line into a spec; UsageError (exit 2) naming the bad option."""
     if kind not in TYPES:
         raise UsageError(f"--type {kind!r} is not one of {', '.join(TYPES)}")
@@ -243,7 +245,8 @@ def plan_benchmark(kind: str, sizes: str | None, *, dtype: str = "float32", iter
                          f"{ranks}", hint="use --nproc 2 or more, or a hosts file with two hosts")
     parsed = parse_sizes(sizes or DEFAULT_SIZES[kind], dtype) if kind != "bandwidth" else ()
     return BenchmarkSpec(kind=kind, sizes=parsed, dtype=dtype, iters=iters, warmup=warmup, budget_s=budget_s,
-                         hosts=hosts, nproc=nproc, link=link, accept_new_host_keys=accept_new_host_keys)
+                         hosts=hosts, nproc=nproc, link=link, backend=backend,
+                         accept_new_host_keys=accept_new_host_keys)
 
 
 def benchmark_command(console: Console, spec: BenchmarkSpec, *, json_path: Path | None = None,

@@ -42,6 +42,9 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VA
                                                   help="Override a config key, e.g. --set train.steps=200.")]
 LinkOpt = Annotated[str, typer.Option("--link", help="Where the ring runs: auto (Thunderbolt when every neighbour "
                                       "pair shares a cable, else the network), thunderbolt (required) or network.")]
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="Collectives: auto (jaccl, RDMA over Thunderbolt 5, "
+                                               "when every pair of Macs has it, else the TCP ring; the reason is "
+                                               "printed), ring, jaccl (full mesh) or jaccl-ring (neighbours).")]
 TrustOpt = Annotated[bool, typer.Option("--accept-new-host-keys",
                                         help="Trust hosts whose SSH key is not in known_hosts yet (TOFU).")]
 
@@ -83,6 +86,12 @@ def _check_link(link: str) -> str:
     return link
 
 
+def _check_backend(backend: str) -> str:
+    from launcher.backend import check_backend
+
+    return check_backend(backend)
+
+
 def _finish(result: Any) -> None:
     from launcher.job import render_failure_table
 
@@ -101,6 +110,7 @@ def train(
     stop_at: Annotated[int | None, typer.Option("--stop-at", min=1, help="End early at this step, "
                                                 "with a checkpoint (resume later with --resume).")] = None,
     link: LinkOpt = "auto",
+    backend: BackendOpt = None,
     accept_new_host_keys: TrustOpt = False,
     max_restarts: Annotated[int | None, typer.Option("--max-restarts", min=0, help="Restarts after a failure (a "
                                                      "crashed rank, a lost host, a stuck run), each from the last "
@@ -122,6 +132,8 @@ def train(
     if min_hosts is not None:
         overrides.append(f"fault.min_hosts={min_hosts}")
     with user_errors():
+        if backend is not None:  # the command line wins over strategy.backend in the config
+            overrides.append(f"strategy.backend={_check_backend(backend)}")
         from launcher.display import TrainingDisplay
         from launcher.training import train_job
 
@@ -152,6 +164,7 @@ def run(
     no_sync: Annotated[bool, typer.Option("--no-sync", help="Copy nothing: the hosts already have the project at "
                                           "the same path (a shared folder); ranks start there.")] = False,
     link: LinkOpt = "auto",
+    backend: BackendOpt = None,
     accept_new_host_keys: TrustOpt = False,
 ) -> None:
     """Run any command on every rank, torchrun-style: macrun run [--hosts hosts.json] -- python script.py ARGS
@@ -184,7 +197,7 @@ def run(
             _emit("note: --sync/--no-sync apply to --hosts runs; local ranks run here, in this folder")
         spec = LaunchSpec(argv=argv, run_dir=Path("runs").resolve() / name, name=name, hosts=host_list,
                           nproc=nproc, files=files, workdir=workdir, accept_new_host_keys=accept_new_host_keys,
-                          link=_check_link(link))
+                          link=_check_link(link), backend=_check_backend(backend or "auto"))
         result = launch(spec, emit=_emit)
     _finish(result)
 
@@ -272,6 +285,7 @@ def benchmark(
     hosts: HostsOpt = None,
     nproc: Annotated[int, typer.Option("--nproc", "-n", min=1, help="Local ranks when there is no --hosts.")] = 2,
     link: LinkOpt = "auto",
+    backend: BackendOpt = None,
     sizes: Annotated[str | None, typer.Option("--sizes", help="Bytes per all_sum, K/M/G = 1024, 1024², 1024³ (default 1K,1M,16M,256M; latency: 4,64,512,4K).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "float32",
     iters: Annotated[int, typer.Option("--iters", min=1, help="Timed iterations per size, at most: fewer (not under 3) when a size would take longer than --budget.")] = 20,
@@ -291,7 +305,7 @@ def benchmark(
 
         spec = plan_benchmark(type_, sizes, dtype=dtype, iters=iters, warmup=warmup, budget_s=budget,
                               hosts=_load_hosts(hosts), nproc=nproc, link=_check_link(link),
-                              accept_new_host_keys=accept_new_host_keys)
+                              backend=_check_backend(backend or "auto"), accept_new_host_keys=accept_new_host_keys)
         result = benchmark_command(out, spec, json_path=json_out, compare=compare, plot=plot)
     _finish(result)
 

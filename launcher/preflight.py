@@ -3,7 +3,8 @@
 Each host runs `distributed/probe.py` from stdin with its configured Python, so the probe also proves
 that interpreter exists and reports what it can import. Problems that would make the run fail later
 (MLX missing, MLX versions that differ, Python too old, a Mac on battery below `fault.min_battery`)
-become errors now, before any rank starts.
+become errors now, before any rank starts. The table also shows each Mac's RDMA devices and the Mac each
+one faces (launcher/rdma.py), which launcher/backend.py uses to pick the collective backend.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from rich.table import Table
 from distributed.errors import HostError
 from distributed.probe import battery_problem
 from launcher import probecache
+from launcher.rdma import RdmaFacts, describe_ports
 from launcher.ssh import SSHConnection, shell_quote
 
 PROBE_SCRIPT = Path(__file__).resolve().parent.parent / "distributed" / "probe.py"
@@ -49,6 +51,12 @@ class InterfaceFacts:
     def addresses(self) -> tuple[str, ...]:
         """The IPv4 addresses without prefix length."""
         return tuple(a.split("/", 1)[0] for a in self.ipv4)
+
+
+def active_bridges(interfaces: Sequence[InterfaceFacts]) -> tuple[str, ...]:
+    """Thunderbolt Bridges that are up with members, e.g. ("bridge0 (en1, en2)",): one breaks RDMA on its ports."""
+    return tuple(f"{i.name} ({', '.join(i.members)})" for i in interfaces
+                 if i.name.startswith("bridge") and i.up and i.members and i.kind == "thunderbolt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +85,7 @@ class HostFacts:
     openblas: str | None = None  # Linux hosts: an OpenBLAS the launcher preloads for MLX
     battery_state: str | None = None  # "charging", "discharging", "charged", "not charging", ...; None: unknown
     free_ports: tuple[int, ...] = ()  # TCP ports free on the host when probed, where the probe was asked for some
+    rdma: RdmaFacts = field(default_factory=RdmaFacts)  # macOS 26.2+: RDMA devices, Thunderbolt ports; else empty
 
     @property
     def python_tuple(self) -> tuple[int, ...]:
@@ -115,6 +124,7 @@ class HostFacts:
             probe_seconds=seconds, openblas=data.get("openblas") or None,
             free_ports=tuple(int(p) for p in data.get("free_ports") or ()),
             battery_state=battery.get("state") if battery else None,
+            rdma=RdmaFacts.from_probe(data.get("rdma") if isinstance(data.get("rdma"), Mapping) else None),
         )
 
 
@@ -243,6 +253,12 @@ def check_hosts(facts: Mapping[str, HostFacts], *, local_mlx: str | None = None,
             warnings.append(Problem(name, "warning",
                                     f"{name} is on battery ({f.battery_percent}%)" + (", low" if low else ""),
                                     "plug it in: a long run drains the battery and macOS may throttle it"))
+        bridges = active_bridges(f.interfaces)
+        if f.rdma.devices and bridges:
+            warnings.append(Problem(name, "warning", f"{name}'s Thunderbolt Bridge {', '.join(bridges)} is active: "
+                                    "RDMA (the jaccl backend) does not work while it is",
+                                    f"turn it off on {name}: `sudo ifconfig bridge0 down`, or System Settings > "
+                                    "Network > Thunderbolt Bridge > Inactive"))
     return errors + warnings
 
 
@@ -268,10 +284,11 @@ def _short_chip(chip: str) -> str:
 def render_preflight(facts: Mapping[str, HostFacts], problems: Sequence[Problem] = ()) -> Table:
     """One row per host: what it is, what it runs, its links and its status."""
     table = Table(title="preflight", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("host", "OS", "chip", "memory", "Python", "MLX", "Thunderbolt", "free disk", "battery",
+    for col in ("host", "OS", "chip", "memory", "Python", "MLX", "Thunderbolt", "RDMA", "free disk", "battery",
                 "status"):
         table.add_column(col, justify="right" if col in ("memory", "free disk") else "left",
-                         no_wrap=col in ("host", "Thunderbolt", "MLX", "Python"))
+                         no_wrap=col in ("host", "Thunderbolt", "RDMA", "MLX", "Python"))
+    rdma = {name: f.rdma for name, f in facts.items()}
     for name, f in facts.items():
         mine = [p for p in problems if p.host in (name, "*")]
         if any(p.is_error for p in mine):
@@ -281,13 +298,14 @@ def render_preflight(facts: Mapping[str, HostFacts], problems: Sequence[Problem]
         else:
             status = "[green]ok[/green]"
         tb = "\n".join(f"{i.name} {' '.join(i.addresses) or '(no IPv4)'}" for i in f.thunderbolt) or "-"
+        devices = "\n".join(describe_ports(name, rdma)) or "-"
         power = "AC" if f.on_ac else "battery"
         battery = "-" if f.battery_percent is None else f"{f.battery_percent}% {power}"
         table.add_row(
             escape(name), escape(f.os_label), escape(_short_chip(f.chip or f.machine)),
             f"{f.memory_bytes / GIB:.0f} GiB",
             f.python_version,
-            escape(f.mlx_version) if f.mlx_version else "[red]missing[/red]", escape(tb),
+            escape(f.mlx_version) if f.mlx_version else "[red]missing[/red]", escape(tb), escape(devices),
             f"{f.disk_free_bytes / GIB:.0f} GiB" if f.disk_free_bytes >= 0 else "?", battery, status)
     return table
 

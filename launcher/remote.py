@@ -1,4 +1,4 @@
-"""Launching on hosts: connect, probe, place the ring, push the job's files, start ranks, fetch results.
+"""Launching on hosts: connect, probe, place the ring, pick the backend, push the files, start ranks, fetch results.
 
 Every step that can fail for a user reason (unreachable host, unknown key, missing or mismatched MLX)
 happens before any rank starts, and each fails with one HostError naming the host and the fix.
@@ -19,8 +19,9 @@ from distributed.errors import HostError
 from distributed.links import Link
 from distributed.store import new_secret
 from distributed.store_server import StoreServer
-from distributed.topology import RingHost, plan_ring
+from distributed.topology import RingHost, RingPlan, plan_ring
 from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, linux_rank_env, ring_hostfile, watch_for
+from launcher.backend import BackendChoice, BackendHost, choose_backend, pick_coordinator
 from launcher.display import render_text
 from launcher.fetch import CheckpointFetcher, fetch_tree
 from launcher.hosts import HostSpec, layout_ranks
@@ -72,7 +73,7 @@ def _prepare_hosts(
     with ThreadPoolExecutor(max_workers=1) as pool:
         sync_future = pool.submit(timed, "sync", lambda: sync_all(conns, files, job_dirs))
         workdirs = {c.host.name: c.host.workdir for c in conns}
-        ports = {c.host.name: c.host.slots + 1 for c in conns}  # MASTER_PORT, then one per ring rank
+        ports = {c.host.name: c.host.slots + 2 for c in conns}  # MASTER_PORT, one per ring rank, jaccl's coordinator
         preflight = timed("probe", lambda: run_preflight(conns, workdir_by_host=workdirs, ports_by_host=ports,
                                                          min_battery=min_battery))
         found = {name: list(f.free_ports) for name, f in preflight[0].items()}
@@ -103,6 +104,24 @@ def _interface_of(facts: HostFacts, address: str) -> str | None:
     return next((i.name for i in facts.interfaces if address in i.addresses), None)
 
 
+def _plan_backend(spec: LaunchSpec, hosts: Sequence[HostSpec], facts: dict[str, HostFacts],
+                  address: dict[str, str], ring: RingPlan) -> tuple[BackendChoice, RingPlan, str | None, str]:
+    """The backend (launcher/backend.py), the ring plan its rank order needs, jaccl's coordinator and why that.
+
+    jaccl-ring orders the ranks along the RDMA cables; when that differs from the ring plan's order, the
+    ring hostfile (which macrun's worker still uses to probe TCP links) follows it over the network.
+    """
+    by_name = {h.name: h for h in hosts}
+    view = {n: BackendHost.from_facts(facts[n], by_name[n].slots, address[n]) for n in ring.order}
+    choice = choose_backend(spec.backend, [view[n] for n in ring.order])
+    if not choice.is_jaccl:
+        return choice, ring, None, ""
+    if choice.order != ring.order:
+        ring = plan_ring([ring_host(by_name[n], facts[n], address[n]) for n in choice.order], "network")
+    ip, where = pick_coordinator([view[n] for n in choice.order])
+    return choice, ring, f"{ip}:{facts[choice.order[0]].free_ports[-1]}", where
+
+
 def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                   on_ready: Callable[[list[RankSpec]], None] | None = None,
                   fetch: Sequence[str] = ()) -> RunResult:
@@ -124,7 +143,9 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
         job_dir = {name: r.remote_dir for name, r in reports.items()}
         address = {h.name: (h.ips[0] if h.ips else by_name[h.name].peer_addr) for h in hosts}
         ring = plan_ring([ring_host(h, facts[h.name], address[h.name]) for h in hosts], spec.link)
+        choice, ring, coordinator, where = _plan_backend(spec, hosts, facts, address, ring)
         emit(ring.describe())
+        emit(choice.describe() + (f"; coordinator {coordinator}, {where}" if coordinator else ""))
         # The plan may reorder hosts so that ring neighbours share a cable (rank 0's host stays first).
         slots = layout_ranks(sorted(hosts, key=lambda h: ring.order.index(h.name)))
         ring_ports = {name: list(p[1:]) for name, p in ports.items()}
@@ -132,6 +153,10 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
         hostfile.write_text(ring_hostfile(ring.addresses, [ring_ports[s.host.name][s.local_rank] for s in slots]))
         began = time.perf_counter()
         _push_hostfile(conns, hostfile, job_dir)
+        if choice.is_jaccl:  # MLX_IBV_DEVICES names a file, as with mlx.launch
+            devices = spec.run_dir / "mlx_ibv_devices.json"
+            devices.write_text(choice.devices_json())
+            _push_hostfile(conns, devices, job_dir)
         timings["hostfile"] = time.perf_counter() - began
         sent = sum(r.sent for r in reports.values())
         sent_bytes = sum(r.bytes_sent for r in reports.values()) + len(hosts) * hostfile.stat().st_size
@@ -148,7 +173,10 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                               local_world_size=slot.local_world_size, master_addr=address[rank0],
                               master_port=ports[rank0][0], run_id=run_id, secret=secret, link=ring.link,
                               mlx_hostfile=posixpath.join(job_dir[name], "mlx_hostfile.json"),
-                              store_addr=by_name[name].local_addr, store_port=store.port).to_environ()
+                              store_addr=by_name[name].local_addr, store_port=store.port, backend=choice.name,
+                              jaccl_coordinator=coordinator,
+                              ibv_devices=posixpath.join(job_dir[name], "mlx_ibv_devices.json")
+                              if choice.is_jaccl else None).to_environ()
                 iface = _interface_of(facts[name], address[name])
                 if iface:  # torch's gloo binds where the hostname resolves (often 127.0.1.1 on Linux) otherwise
                     env["GLOO_SOCKET_IFNAME"] = iface

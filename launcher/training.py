@@ -56,7 +56,8 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
         argv = ["python", "-m", "distributed.worker", str(config_file), "--data", str(prepared.dir),
                 "--run-dir", str(run_dir)]
     spec = LaunchSpec(argv=argv + extra, run_dir=run_dir, name=cfg.run.name, hosts=hosts, nproc=nproc,
-                      files=files, fetch=("checkpoints", "metrics.jsonl") if hosts else ())
+                      files=files, fetch=("checkpoints", "metrics.jsonl") if hosts else (),
+                      backend=cfg.strategy.backend)
     return cfg, spec
 
 
