@@ -48,6 +48,12 @@ class RunConfig:
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
+    source: str = _f("builtin", "Where the model comes from: builtin (macrun's byte-level GPT, sized by the keys "
+                     "below) or mlx-lm (a pretrained Hugging Face-layout model at model.path, fine-tuned as "
+                     "finetune.* says).", choices=("builtin", "mlx-lm"))
+    path: str = _f("", "mlx-lm: a local model folder (config.json, *.safetensors, tokenizer files) or a Hugging "
+                   "Face repo name already in this machine's cache, e.g. mlx-community/Llama-3.2-1B-Instruct-4bit. "
+                   "Nothing is downloaded; every host needs the model at this path or in its own cache.")
     arch: str = _f("gpt", "Model architecture.", choices=("gpt",))
     size: str = _f("tiny", "Size preset; n_layer/n_head/n_embd override it.", choices=tuple(MODEL_SIZES))
     n_layer: int | None = _f(None, "Transformer blocks (default: from size).", min=1)
@@ -70,8 +76,16 @@ class DataConfig:
                      "A text file, a folder of text files, a .jsonl file with a 'text' field, or "
                      "'builtin:stdlib' (this Python's standard library source, no download needed).")
     max_bytes: int = _f(8_000_000, "Read at most this many bytes of the source (0 = all).", min=0)
-    seq_len: int = _f(128, "Tokens per training sequence (bytes: the vocabulary is 256 byte values).", min=8)
+    seq_len: int = _f(128, "Tokens per training sequence (built-in GPT: bytes, the vocabulary is 256 byte values; "
+                      "mlx-lm: longer examples are cut to this).", min=8)
     val_share: float = _f(0.05, "Share of the data held out for validation.", gt=0.0, max=0.5)
+    path: str = _f("", "mlx-lm: a folder with train.jsonl (and valid.jsonl for validation) in mlx-lm's formats: "
+                   '{"text": ...}, {"messages": [...]} (chat) or {"prompt": ..., "completion": ...}.')
+    format: str = _f("auto", "mlx-lm: the records' format; auto reads it off the first record like mlx-lm does.",
+                     choices=("auto", "text", "chat", "completions"))
+    mask_prompt: bool = _f(True, "mlx-lm: compute the loss on the completion only (the last assistant message of "
+                           "a chat, the completion of a prompt/completion record); text records train on every "
+                           "token.")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -108,6 +122,20 @@ class StrategyConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class FinetuneConfig:
+    type: str = _f("lora", "mlx-lm: what trains: lora (low-rank adapters; on a quantised model this is QLoRA), "
+                   "dora (weight-decomposed LoRA) or full (every weight of the last finetune.layers layers).",
+                   choices=("lora", "dora", "full"))
+    rank: int = _f(8, "mlx-lm: LoRA/DoRA rank r of the adapter matrices.", min=1)
+    scale: float = _f(20.0, "mlx-lm: LoRA/DoRA scale (alpha/r in other tools; mlx-lm's lora_parameters.scale).",
+                      gt=0.0)
+    dropout: float = _f(0.0, "mlx-lm: dropout on the adapters' input (0 keeps runs exactly reproducible).",
+                        min=0.0, max=0.9)
+    layers: int = _f(16, "mlx-lm: how many of the last transformer layers get adapters (or train, for full); "
+                     "-1: all of them.", min=-1)
+
+
+@dataclass(kw_only=True, slots=True)
 class FaultConfig:
     max_restarts: int = _f(3, "Restarts after a failure (a rank crashed, a host was lost, the run stuck) before "
                            "macrun gives up; each resumes from the last checkpoint on the hosts still there. "
@@ -134,6 +162,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run identity and output."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The training data."})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig,
+                                     metadata={"help": "Fine-tuning an mlx-lm model: LoRA, DoRA or full."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "The training loop."})
     strategy: StrategyConfig = field(default_factory=StrategyConfig,
                                      metadata={"help": "How ranks cooperate."})
@@ -296,6 +326,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_embd ({embd}) must be a multiple of model.n_head ({head})")
     if (embd // head) % 2:
         raise ConfigError(f"model: head width n_embd/n_head = {embd // head} must be even")
+    if cfg.finetune.layers == 0:
+        raise ConfigError("finetune.layers: 0 layers would train nothing",
+                          hint="give a number of last layers, or -1 for all of them")
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"train.min_lr ({cfg.train.min_lr}) must not exceed train.lr ({cfg.train.lr})")
     validate_run_name(cfg.run.name)
@@ -405,7 +438,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{p}: nested too deeply to be a config", hint=_YAML_HINT) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections "
-                              f"(run, model, data, train, strategy, fault)")
+                              f"(run, model, data, finetune, train, strategy, fault)")
     try:
         return config_from_dict(data, overrides)
     except ConfigError as exc:

@@ -23,6 +23,7 @@ import numpy as np
 
 from distributed.config import DataConfig
 from distributed.errors import DataError
+from distributed.shards import ShardedStream, check_shard
 
 BUILTIN_STDLIB = "builtin:stdlib"
 SEPARATOR = b"\x00"  # ends every document; text never contains NUL (files that do are skipped as binary)
@@ -335,67 +336,31 @@ def _to_xy(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
 
 
-class BatchSampler:
+class BatchSampler(ShardedStream):
     """Deterministic, sharded batches of (x, y) windows from a token file.
 
-    The file is cut into non-overlapping windows of seq_len+1 tokens. Epoch e is the permutation
-    `default_rng((seed, e))` of all windows; the epochs, one after another, form a stream. Global step s
-    takes the next batch_size * world_size windows of that stream and rank r its own contiguous
-    batch_size of them, so ranks never share a window within an epoch and `batch(s)` depends on s only.
-
-    A run that resumes with another world size (a restart after losing a host) continues the same stream
-    where the last checkpoint left it: `start_step` and `start_position` (windows of the stream consumed
-    before that step, see `position`) re-base the arithmetic, so no window is skipped or repeated within an
-    epoch because the world changed.
+    The file is cut into non-overlapping windows of seq_len+1 tokens; the windows are the stream's items
+    (see ShardedStream: disjoint per rank within an epoch, a pure function of the step, resumable with
+    another world size).
     """
 
     def __init__(self, path: Path, seq_len: int, batch_size: int, rank: int, world_size: int,
                  seed: int, *, start_step: int = 0, start_position: int | None = None) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if batch_size < 1 or seq_len < 1:
+        check_shard(batch_size, rank, world_size, start_step, start_position)
+        if seq_len < 1:
             raise ValueError("batch_size and seq_len must be positive")
-        if start_step < 0 or (start_position is not None and start_position < 0):
-            raise ValueError("start_step and start_position must be >= 0")
-        self.path, self.seq_len, self.batch_size = Path(path), seq_len, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.start_step = start_step
-        self.start_position = start_step * batch_size * world_size if start_position is None else start_position
+        self.path, self.seq_len = Path(path), seq_len
         self._windows = _windows(self.path, seq_len)
-        self._perms: dict[int, np.ndarray] = {}
+        super().__init__(int(self._windows.shape[0]), batch_size, rank, world_size, seed,
+                         start_step=start_step, start_position=start_position)
 
     @property
     def num_windows(self) -> int:
-        return int(self._windows.shape[0])
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Global steps per pass over the data (at least 1; a step may straddle two epochs)."""
-        return max(1, self.num_windows // (self.batch_size * self.world_size))
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 4:
-                del self._perms[next(iter(self._perms))]
-            self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.num_windows)
-        return self._perms[epoch]
-
-    def position(self, step: int) -> int:
-        """Windows of the stream consumed by every rank together before global `step` (0-based)."""
-        return self.start_position + (step - self.start_step) * self.batch_size * self.world_size
+        return self.num_items
 
     def window_ids(self, step: int) -> np.ndarray:
         """The window indices this rank uses at global `step`."""
-        if step < self.start_step:
-            raise ValueError(f"step must be >= {self.start_step}, got {step}")
-        start = self.position(step) + self.rank * self.batch_size
-        stream = np.arange(start, start + self.batch_size, dtype=np.int64)
-        epochs, positions = np.divmod(stream, self.num_windows)
-        ids = np.empty(self.batch_size, dtype=np.int64)
-        for epoch in np.unique(epochs):
-            here = epochs == epoch
-            ids[here] = self._perm(int(epoch))[positions[here]]
-        return ids
+        return self.item_ids(step)
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(x, y), int32 arrays of shape (batch_size, seq_len); y is x shifted left by one token."""

@@ -194,6 +194,13 @@ class DiLoCoStrategy(Strategy):
         return ([(f"outer params {k}", v) for k, v in self._pieces(self.params)]
                 + [(f"outer momentum {k}", v) for k, v in self._pieces(self.momentum)])
 
+    def consensus_parameters(self, model: nn.Module) -> dict[str, mx.array]:
+        """theta, the outer parameters (a checkpoint mid-round holds rank 0's local weights, which differ)."""
+        if self.params is None:
+            return super().consensus_parameters(model)
+        dtypes = {name: dtype for name, _, dtype in self._layout}
+        return {k: v.astype(dtypes[k]) for k, v in self._pieces(self.params)}
+
     def state_groups(self) -> dict[str, dict[str, mx.array]]:
         if self.params is None or self.momentum is None:
             return {}

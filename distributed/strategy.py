@@ -78,6 +78,10 @@ class Strategy:
         """The named arrays every rank must hold identically whenever `check_replicas` runs."""
         return tree_flatten(model.trainable_parameters())
 
+    def consensus_parameters(self, model: nn.Module) -> dict[str, mx.array]:
+        """The trainable parameters the ranks agree on, by name: what an export (adapters) holds."""
+        return dict(tree_flatten(model.trainable_parameters()))
+
     def check_replicas(self, model: nn.Module, step: int) -> None:
         """Raise TrainingError unless every rank holds the same `replicated_arrays` (one small all_gather).
 
@@ -187,17 +191,18 @@ class DDPStrategy(Strategy):
 
 
 def broadcast_parameters(model: nn.Module, group: mx.distributed.Group | None) -> int:
-    """Make every rank start from rank 0's weights (others contribute zeros to an all_sum).
+    """Make every rank start from rank 0's trainable weights (others contribute zeros to an all_sum).
 
-    Returns the bytes this rank sent.
+    Frozen weights (a fine-tune's base model) are not sent: every rank loads them itself. Returns the bytes
+    this rank sent.
     """
     if group is None or group.size() == 1:
         return 0
-    params = tree_flatten(model.parameters())
+    params = tree_flatten(model.trainable_parameters())
     synced = [(k, mx.distributed.all_sum(v if group.rank() == 0 else mx.zeros_like(v), group=group))
               for k, v in params]
     model.update(tree_unflatten(synced))
-    mx.eval(model.parameters())
+    mx.eval(model.trainable_parameters())
     return sum(ring_bytes(v.nbytes, group.size()) for _, v in params)
 
 

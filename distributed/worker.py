@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m distributed.worker", description=__doc__.splitlines()[0])
     p.add_argument("config", help="the run's YAML config")
-    p.add_argument("--data", required=True, help="folder with train.bin/val.bin made by prepare_data")
+    p.add_argument("--data", required=True, help="the prepared data folder (train.bin/val.bin made by "
+                   "prepare_data, or a fine-tune's examples made by prepare_finetune_data)")
     p.add_argument("--run-dir", required=True, help="folder for checkpoints and metrics")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
@@ -38,8 +39,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure_step_seconds(cfg: Config, repeats: int = 3) -> float:
-    """One training step's compute time on this rank (forward + backward of the real model and batch shape)."""
+def measure_step_seconds(cfg: Config, repeats: int = 3, task: Any = None) -> float:
+    """One training step's compute time on this rank (forward + backward of the real model and batch shape);
+    `task` is a fine-tune's (distributed.finetune.FinetuneTask), whose model is timed on a full-length batch."""
     import time
     from functools import partial
 
@@ -48,21 +50,24 @@ def measure_step_seconds(cfg: Config, repeats: int = 3) -> float:
 
     from distributed.models.gpt import build_model, loss_fn
 
-    model = build_model(cfg.model, cfg.data.seq_len, cfg.run.seed)
-    shape = (cfg.train.batch_size, cfg.data.seq_len)
-    x = mx.random.randint(0, 256, shape, key=mx.random.key(1))
-    y = mx.random.randint(0, 256, shape, key=mx.random.key(2))
-    step = mx.compile(partial(nn.value_and_grad(model, loss_fn), model))
-    mx.eval(step(x, y))  # compile and warm up
+    if task is not None:
+        model, loss, batch = task.model, task.loss, task.dummy_batch()
+    else:
+        model, loss = build_model(cfg.model, cfg.data.seq_len, cfg.run.seed), loss_fn
+        shape = (cfg.train.batch_size, cfg.data.seq_len)
+        batch = (mx.random.randint(0, 256, shape, key=mx.random.key(1)),
+                 mx.random.randint(0, 256, shape, key=mx.random.key(2)))
+    step = mx.compile(partial(nn.value_and_grad(model, loss), model))
+    mx.eval(step(*batch))  # compile and warm up
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
-        mx.eval(step(x, y))
+        mx.eval(step(*batch))
         times.append(time.perf_counter() - began)
     return sorted(times)[len(times) // 2]
 
 
-def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any) -> tuple[str, str]:
+def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any, task: Any = None) -> tuple[str, str]:
     """Auto mode: measure the ring's links and a step, and let the cost model choose; rank 0's word binds all."""
     import mlx.core as mx
 
@@ -74,9 +79,11 @@ def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any) -> tuple[str
                          tag=f"auto-{env.run_id}")
     bandwidth = min(m.bandwidth_bytes_s for m in links)
     latency = max(m.rtt_s for m in links) / 2
-    mine = measure_step_seconds(cfg)
+    mine = measure_step_seconds(cfg, task=task)
     step = float(mx.distributed.all_sum(mx.array(mine), group=group).item()) / env.world_size
-    grads = count_params(build_model(cfg.model, cfg.data.seq_len, cfg.run.seed)) * 4  # float32 gradients
+    # What travels is the gradient of what trains: for a LoRA fine-tune, the adapters alone.
+    grads = task.trainable_bytes if task is not None else \
+        count_params(build_model(cfg.model, cfg.data.seq_len, cfg.run.seed)) * 4  # float32 gradients
     decision = cost_choice(step, grads, env.world_size, bandwidth, latency, "auto", cfg.strategy.inner_steps,
                            link=env.link)
     # Every rank computed the same from the same numbers; still, take rank 0's choice so they cannot split.
@@ -86,8 +93,8 @@ def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any) -> tuple[str
     return mode, f"auto: {decision.reason} ({measured})"
 
 
-def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None) -> tuple[Strategy, str]:
-    """The strategy for this run and the reason, printed by rank 0."""
+def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: Any = None) -> tuple[Strategy, str]:
+    """The strategy for this run and the reason, printed by rank 0 (`task`: a fine-tune's, to time its step)."""
     from distributed.strategy import LocalStrategy
 
     if env is None or env.world_size == 1:
@@ -104,7 +111,7 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None) -> tup
     reason = f"strategy.mode={mode}"
     if mode == "auto":
         if client is not None and env.mlx_hostfile:
-            mode, reason = decide_auto(cfg, env, group, client)
+            mode, reason = decide_auto(cfg, env, group, client, task)
         else:  # started by hand without the launcher's rendezvous: the link's kind decides
             mode = "diloco" if env.link == "network" else "ddp"
             reason = f"auto: {env.link} link, not measured (no rendezvous) → {mode}"
@@ -171,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             # Where this rank can be reached, for the launcher and the other ranks (key: links/<rank>).
             client.set_json(f"links/{env.rank}", {"host": socket.gethostname(),
                                                   "links": [link.to_dict() for link in list_links()]})
-        strategy, reason = choose_strategy(cfg, env, client)
+        task = None
+        if cfg.model.source == "mlx-lm":  # loaded once: timed for the auto strategy, then trained
+            from distributed.train import make_task
+
+            task = make_task(cfg, Path(args.data))
+        strategy, reason = choose_strategy(cfg, env, client, task)
         if rank == 0:
             print(f"strategy {strategy.name}: {reason}", flush=True)
         from distributed.train import train
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, data_dir=Path(args.data), run_dir=Path(args.run_dir), rank=rank, world_size=world,
                        strategy=strategy, resume=args.resume or args.resume_at is not None,
                        resume_at=args.resume_at, stop_at=args.stop_at,
-                       log=lambda m: print(m, flush=True))
+                       log=lambda m: print(m, flush=True), task=task)
         if rank == 0:
             print(done_line(result), flush=True)
         if heartbeat is not None:

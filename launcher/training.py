@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from distributed.checkpoint import latest_checkpoint
 from distributed.config import Config, load_config
 from distributed.data import prepare_data
 from distributed.errors import ConfigError
+from distributed.finetune import EXPORTS
 from launcher.api import LaunchSpec
 from launcher.elastic import train_elastic
 from launcher.hosts import HostSpec
@@ -29,9 +31,15 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
         raise ConfigError(f"{run_dir} already holds checkpoints of an earlier run",
                           hint="add --resume to continue it, or --set run.name=<new name> to start a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_data(cfg.data, run_dir / "data")
-    emit(f"data: {prepared.train_tokens:,} training and {prepared.val_tokens:,} validation tokens "
-         f"from {prepared.source}")
+    if cfg.model.source == "mlx-lm":  # tokenised here with the model's tokenizer (never downloaded)
+        from distributed.sft_data import prepare_finetune_data
+
+        prepared = prepare_finetune_data(cfg, run_dir / "data")
+        emit(prepared.describe())
+    else:
+        prepared = prepare_data(cfg.data, run_dir / "data")
+        emit(f"data: {prepared.train_tokens:,} training and {prepared.val_tokens:,} validation tokens "
+             f"from {prepared.source}")
     config_file = run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     extra = (["--resume"] if resume else []) + ([f"--stop-at={stop_at}"] if stop_at else [])
@@ -51,12 +59,16 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
             # resumed from is the one this machine holds, so the restart's account and the ranks agree.
             extra = [f"--resume-at={latest.step if latest else 0}"] + extra[1:]
         argv = ["python", "-m", "distributed.worker", "config.yaml", "--data", "data", "--run-dir", "."]
+        # Rank 0 rewrites a fine-tune's exports (adapters/, model/) in place, and fetching skips a file of the
+        # size it already has here: clear this machine's copies, so the ones fetched after the run are fresh.
+        for name in EXPORTS:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
     else:
         files = {}
         argv = ["python", "-m", "distributed.worker", str(config_file), "--data", str(prepared.dir),
                 "--run-dir", str(run_dir)]
     spec = LaunchSpec(argv=argv + extra, run_dir=run_dir, name=cfg.run.name, hosts=hosts, nproc=nproc,
-                      files=files, fetch=("checkpoints", "metrics.jsonl") if hosts else (),
+                      files=files, fetch=("checkpoints", "metrics.jsonl", *EXPORTS) if hosts else (),
                       backend=cfg.strategy.backend)
     return cfg, spec
 
