@@ -318,7 +318,7 @@ class Wizard:
         if self.args.overrides:
             self.out.print(f"sizes include your --set {' '.join(self.args.overrides)}")
         items = [questionary.Choice(model_title(c, fits.get(c.name)), value=c.name,
-                                    disabled=f"cannot load: {c.error}" if c.error else None) for c in choices]
+                                    disabled=c.error) for c in choices]
         while True:
             default_item = next(i for i in items if i.value == default.name)
             name = self.ask.select("Which model?", items, default_item)

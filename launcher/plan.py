@@ -80,7 +80,10 @@ def load_model_choice(path: Path, overrides: Sequence[str] = ()) -> ModelChoice:
     except (OSError, UnicodeDecodeError) as exc:
         return ModelChoice(path.stem, path, "", None, error=f"cannot read {path}: {exc}")
     except MacrunError as exc:
-        return ModelChoice(path.stem, path, "", None, error=exc.message)
+        return ModelChoice(path.stem, path, "", None, error=f"cannot load: {exc.message}")
+    if cfg.model.source != "builtin":  # sized by its pretrained model, which the wizard does not look at yet
+        return ModelChoice(path.stem, path, description, cfg,
+                           error=f"fine-tunes an mlx-lm model: macrun train configs/{path.name} --set model.path=...")
     return ModelChoice(path.stem, path, description, cfg, params=param_count(cfg.model, cfg.data.seq_len),
                        memory_per_rank=estimate_memory_bytes(cfg.model, cfg.data.seq_len, cfg.train.batch_size))
 

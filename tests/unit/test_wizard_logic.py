@@ -72,6 +72,11 @@ def test_describe_config_is_the_first_comment_line(text: str, expected: str) -> 
 def test_every_shipped_config_is_offered_with_a_description_and_size() -> None:
     choices = list_models(CONFIGS)
     assert {c.name for c in choices} == {p.stem for p in CONFIGS.glob("*.yaml")}
+    # mlx-lm fine-tunes are listed, last and not selectable, with the command that runs them.
+    finetunes = [c for c in choices if c.config is not None and c.config.model.source == "mlx-lm"]
+    assert {c.name for c in finetunes} == {"lora-chat", "full-small"} and choices[-len(finetunes):] == finetunes
+    assert all("macrun train configs/" in (c.error or "") for c in finetunes)
+    choices = [c for c in choices if c not in finetunes]
     for c in choices:
         assert c.error is None and c.config is not None, c.error
         assert c.description and not c.description.startswith("#")
