@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from distributed.errors import EnvContractError
 
 LINKS = ("thunderbolt", "network", "local")
+# mlx-lm fine-tunes on hosts: the folder on this rank's host that holds the same model as the launcher's
+# (launcher/modelfiles.py found or put it there); unset, model.path is resolved as on the launcher's machine.
+MODEL_DIR_VAR = "MACRUN_MODEL_DIR"
 BACKENDS = ("ring", "jaccl", "jaccl-ring")  # MACRUN_BACKEND: what launcher/backend.py chose
 
 

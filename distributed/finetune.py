@@ -11,6 +11,7 @@ fine-tune writes a whole model folder, `model/`, at the end.
 from __future__ import annotations
 
 import dataclasses
+import os
 import zlib
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from distributed.config import Config, FinetuneConfig, ModelConfig
+from distributed.env import MODEL_DIR_VAR
 from distributed.errors import CheckpointError, TrainingError
 from distributed.models.mlxlm import (
     FineTune,
@@ -62,7 +64,8 @@ class FinetuneTask:
         f, ft = self.cfg.finetune, self.ft
         what = (f"{ft.kind} rank {f.rank} on the last {ft.layers} layers" if ft.kind != "full"
                 else f"full, the last {ft.layers} layers")
-        return (f"model {self.cfg.model.path} ({ft.config.get('model_type')}"
+        where = f" from {ft.path}" if os.environ.get(MODEL_DIR_VAR) else ""  # the launcher named this host's copy
+        return (f"model {self.cfg.model.path}{where} ({ft.config.get('model_type')}"
                 f"{', quantised' if ft.quantized else ''}): {ft.total_count / 1e6:.2f}M parameters, "
                 f"{ft.trainable_count / 1e6:.3f}M trainable ({what}) · {world_size} rank(s) × batch "
                 f"{self.cfg.train.batch_size} × up to {self.cfg.data.seq_len} tokens · strategy {strategy}")

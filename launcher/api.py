@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import distributed
 from distributed.env import RankEnv
@@ -25,6 +26,10 @@ from distributed.store_server import StoreServer
 from launcher.hosts import HostSpec, layout_ranks, local_hosts
 from launcher.job import LocalLauncher, RankSpec, RunResult, run_ranks
 from launcher.watchdog import Watch
+
+if TYPE_CHECKING:
+    from launcher.display import TransferProgress
+    from launcher.modelfiles import ModelSpec
 
 PACKAGE_DIR = Path(distributed.__file__).resolve().parent
 SOURCE_ROOT = PACKAGE_DIR.parent
@@ -54,6 +59,8 @@ class LaunchSpec:
     min_battery: float = 20.0  # refuse a host on battery below this percentage (0: never)
     keep_checkpoints: int = 3  # checkpoints copied back while the run goes: keep the newest this many
     rejoin: Callable[[], list[str]] | None = None  # names dropped hosts that answer again (fault.rejoin)
+    model: ModelSpec | None = None  # mlx-lm fine-tunes on hosts: the model each must hold (launcher/modelfiles.py)
+    transfers: Callable[[], TransferProgress] | None = None  # shows copies before the run (--push-model); else lines
 
 
 def watch_for(spec: LaunchSpec, store: StoreServer) -> Watch:

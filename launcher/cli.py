@@ -119,6 +119,10 @@ def train(
     min_hosts: Annotated[int | None, typer.Option("--min-hosts", min=1, help="Stop (exit 4, checkpoint kept) "
                                                   "rather than go on with fewer hosts (fault.min_hosts, "
                                                   "default 1).")] = None,
+    push_model: Annotated[bool, typer.Option("--push-model", help="mlx-lm fine-tunes: copy this machine's model "
+                                             "to each host that lacks it or holds another version, into "
+                                             "<workdir>/models/ (only what differs; an interrupted copy "
+                                             "continues).")] = False,
 ) -> None:
     """Train a model: one rank per host slot (or --nproc local ranks); checkpoints and logs in runs/<name>.
 
@@ -140,7 +144,8 @@ def train(
         with TrainingDisplay(out) as display:
             result = train_job(config, overrides, hosts=_load_hosts(hosts), nproc=nproc, resume=resume,
                                stop_at=stop_at, accept_new_host_keys=accept_new_host_keys, link=_check_link(link),
-                               emit=display.emit, resume_command=_resume_command())
+                               push_model=push_model, emit=display.emit, resume_command=_resume_command(),
+                               transfers=display.transfers)
     _finish(result)
 
 

@@ -18,12 +18,10 @@ from distributed.config import Config, ModelConfig, load_config
 from distributed.errors import MacrunError
 from distributed.models.gpt import VOCAB_SIZE, estimate_memory_bytes
 from distributed.topology import RingPlan, plan_ring
+from launcher.fit import FIT_SHARE, Machine, fit_problem, format_bytes, format_count  # noqa: F401  (re-exported)
 from launcher.hosts import HostSpec, write_atomic  # noqa: F401  (re-exported for the wizard)
 from launcher.preflight import HostFacts
 
-# MLX on a Mac lets the GPU use about 3/4 of unified memory by default (Metal's recommendedMaxWorkingSetSize);
-# the rest belongs to macOS and other apps. A model whose estimate is above that share may not fit.
-FIT_SHARE = 0.75
 PREFERRED_MODEL = "quickstart"
 
 
@@ -38,15 +36,6 @@ class ModelChoice:
     params: int = 0
     memory_per_rank: int = 0  # bytes, estimate_memory_bytes
     error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Machine:
-    """A selected machine as the memory check needs it."""
-
-    name: str
-    memory_bytes: int
-    slots: int = 1
 
 
 # ---- models -------------------------------------------------------------------------------------------
@@ -104,38 +93,6 @@ def find_config_dir(cwd: Path, source_root: Path) -> Path:
     """./configs when there is one, else the configs shipped beside macrun's source."""
     local = cwd / "configs"
     return local if local.is_dir() else source_root / "configs"
-
-
-def fit_problem(memory_per_rank: int, machines: Sequence[Machine]) -> str | None:
-    """A warning when the model may not fit the tightest of `machines` (its ranks' share of memory), else None."""
-    if not machines or memory_per_rank <= 0:
-        return None
-    tight = min(machines, key=lambda m: m.memory_bytes / max(1, m.slots))
-    need = memory_per_rank * tight.slots
-    budget = int(tight.memory_bytes * FIT_SHARE)
-    if need <= budget:
-        return None
-    per = f" ({tight.slots} ranks)" if tight.slots > 1 else ""
-    return (f"needs about {format_bytes(need)} per Mac{per}, but {tight.name} has {format_bytes(tight.memory_bytes)}"
-            f" (about {format_bytes(budget)} usable by MLX): lower train.batch_size or data.seq_len, "
-            f"or pick a smaller model")
-
-
-def format_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB'; whole units from GiB down, one decimal below 10."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" or value >= 10 else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def format_count(n: int) -> str:
-    """123_456 -> '0.12M', 85_100_000 -> '85.1M', 1.3e9 -> '1.3B'."""
-    if n >= 1_000_000_000:
-        return f"{n / 1e9:.1f}B"
-    return f"{n / 1e6:.2f}M" if n < 10_000_000 else f"{n / 1e6:.1f}M"
 
 
 # ---- links and strategy ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from distributed.env import RankEnv
+from distributed.env import MODEL_DIR_VAR, RankEnv
 from distributed.errors import HostError
 from distributed.links import Link
 from distributed.store import new_secret
@@ -24,8 +24,11 @@ from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, linux_rank_env, rin
 from launcher.backend import BackendChoice, BackendHost, choose_backend, pick_coordinator
 from launcher.display import render_text
 from launcher.fetch import CheckpointFetcher, fetch_tree
+from launcher.fit import Machine, require_finetune_fit
 from launcher.hosts import HostSpec, layout_ranks
 from launcher.job import RankSpec, RankState, RunResult, run_ranks
+from launcher.modelfiles import check_models
+from launcher.modelpush import place_models
 from launcher.preflight import HostFacts, Problem, check_hosts, probe_hosts, render_preflight, run_preflight
 from launcher.ranks import SSHLauncher
 from launcher.ssh import SSHConnection, connect_all
@@ -122,6 +125,18 @@ def _plan_backend(spec: LaunchSpec, hosts: Sequence[HostSpec], facts: dict[str, 
     return choice, ring, f"{ip}:{facts[choice.order[0]].free_ports[-1]}", where
 
 
+def _place_model(spec: LaunchSpec, conns: Sequence[SSHConnection], facts: dict[str, HostFacts],
+                 found: dict[str, Any], emit: Callable[[str], None]) -> dict[str, str]:
+    """An mlx-lm fine-tune: refuse it if it will not fit a host's memory, then find or push the model
+    (launcher/modelpush.py); {host: the folder its ranks load}. The fit comes first: no copy for nothing."""
+    if spec.model is None:
+        return {}
+    if spec.model.memory is not None:
+        require_finetune_fit(spec.model.memory, [Machine(c.host.name, facts[c.host.name].memory_bytes,
+                                                         c.host.slots) for c in conns])
+    return place_models(conns, spec.model, found, emit=emit, progress=spec.transfers() if spec.transfers else None)
+
+
 def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                   on_ready: Callable[[list[RankSpec]], None] | None = None,
                   fetch: Sequence[str] = ()) -> RunResult:
@@ -135,11 +150,14 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
     by_name = {c.host.name: c for c in conns}
     try:
         files = {**package_files(PACKAGE_DIR, "distributed"), **spec.files}
-        (facts, warnings), ports, reports = _prepare_hosts(
-            conns, files, {h.name: _job_dir(h, spec.name) for h in hosts}, timings, spec.min_battery)
-        emit(render_text(render_preflight(facts, warnings)))
-        for w in warnings:
-            emit(f"warning: {w.host}: {w.message}")
+        with ThreadPoolExecutor(max_workers=1) as pool:  # looking for the model may hash it: alongside the probe
+            models = pool.submit(check_models, conns, spec.model) if spec.model is not None else None
+            (facts, warnings), ports, reports = _prepare_hosts(
+                conns, files, {h.name: _job_dir(h, spec.name) for h in hosts}, timings, spec.min_battery)
+            emit(render_text(render_preflight(facts, warnings)))
+            for w in warnings:
+                emit(f"warning: {w.host}: {w.message}")
+            model_dirs = _place_model(spec, conns, facts, models.result() if models else {}, emit)
         job_dir = {name: r.remote_dir for name, r in reports.items()}
         address = {h.name: (h.ips[0] if h.ips else by_name[h.name].peer_addr) for h in hosts}
         ring = plan_ring([ring_host(h, facts[h.name], address[h.name]) for h in hosts], spec.link)
@@ -183,6 +201,8 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                 if facts[name].os_name == "Linux":
                     env.update(linux_rank_env(facts[name].openblas))  # see distributed/probe.py: find_openblas
                 env.update(spec.env)
+                if name in model_dirs:
+                    env[MODEL_DIR_VAR] = model_dirs[name]
                 specs.append(RankSpec(rank=slot.rank, host_name=name, local_rank=slot.local_rank,
                                       argv=host_argv(spec.argv, by_name[name].host.python), env=env,
                                       cwd=posixpath.normpath(posixpath.join(job_dir[name], spec.workdir)),

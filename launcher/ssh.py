@@ -58,6 +58,8 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 KEEPALIVE_S = 15  # lets a dead peer surface as a lost channel instead of a silent hang
 SFTP_TIMEOUT_S = 30.0  # an SFTP request with no answer this long fails (socket.timeout, an OSError)
+# What an SFTP transfer raises when the host, the link or the remote disk fails (for callers that use sftp()).
+TRANSFER_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, paramiko.SSHException, paramiko.SFTPError)
 _READ_CHUNK = 65536
 
 

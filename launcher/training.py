@@ -6,25 +6,37 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from distributed.checkpoint import latest_checkpoint
 from distributed.config import Config, load_config
 from distributed.data import prepare_data
-from distributed.errors import ConfigError
+from distributed.errors import ConfigError, UsageError
 from distributed.finetune import EXPORTS
 from launcher.api import LaunchSpec
 from launcher.elastic import train_elastic
 from launcher.hosts import HostSpec
 from launcher.job import RunResult
 
+if TYPE_CHECKING:
+    from launcher.display import TransferProgress
+    from launcher.modelfiles import ModelSpec
+
 
 def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hosts: Sequence[HostSpec] | None = None,
-                  nproc: int = 1, resume: bool = False, stop_at: int | None = None,
+                  nproc: int = 1, resume: bool = False, stop_at: int | None = None, push_model: bool = False,
                   emit: Callable[[str], None] = print) -> tuple[Config, LaunchSpec]:
-    """Validate everything that can be checked on this machine and build the launch; starts nothing."""
+    """Validate everything that can be checked on this machine and build the launch; starts nothing.
+
+    An mlx-lm fine-tune on hosts also gets a ModelSpec: the model's manifest, which every host must match
+    (or receive, with `push_model`), and its memory estimate, which every host must fit.
+    """
     cfg = load_config(config_path, overrides)
+    if push_model and not hosts:
+        raise UsageError("--push-model copies the model to hosts: it needs --hosts",
+                         hint="local ranks load the model from this machine; drop --push-model")
     run_dir = cfg.run_dir().resolve()
     ckpts = run_dir / "checkpoints"
     if not resume and ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()):
@@ -69,14 +81,29 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
                 "--run-dir", str(run_dir)]
     spec = LaunchSpec(argv=argv + extra, run_dir=run_dir, name=cfg.run.name, hosts=hosts, nproc=nproc,
                       files=files, fetch=("checkpoints", "metrics.jsonl", *EXPORTS) if hosts else (),
-                      backend=cfg.strategy.backend)
+                      backend=cfg.strategy.backend,
+                      model=_model_spec(cfg, push_model, emit) if hosts and cfg.model.source == "mlx-lm" else None)
+    if push_model and cfg.model.source != "mlx-lm":
+        emit("note: --push-model has nothing to copy: the built-in GPT needs no model files")
     return cfg, spec
+
+
+def _model_spec(cfg: Config, push: bool, emit: Callable[[str], None]) -> ModelSpec:
+    """The model every host must hold, with its manifest (hashes cached) and the memory one rank needs."""
+    from distributed.models.mlxlm import resolve_model_path
+    from distributed.models.mlxlm_memory import estimate_finetune_memory
+    from launcher.modelfiles import ModelSpec, local_manifest
+
+    folder = resolve_model_path(cfg.model.path)
+    return ModelSpec(name=cfg.model.path, local_dir=folder, manifest=local_manifest(folder, emit), push=push,
+                     memory=estimate_finetune_memory(folder, cfg))
 
 
 def train_job(config_path: str | Path, overrides: Sequence[str] = (), *, hosts: Sequence[HostSpec] | None = None,
               nproc: int = 1, resume: bool = False, stop_at: int | None = None,
-              accept_new_host_keys: bool = False, link: str = "auto",
-              emit: Callable[[str], None] = print, resume_command: str | None = None) -> RunResult:
+              accept_new_host_keys: bool = False, link: str = "auto", push_model: bool = False,
+              emit: Callable[[str], None] = print, resume_command: str | None = None,
+              transfers: Callable[[], TransferProgress] | None = None) -> RunResult:
     """Train a config on local ranks or on hosts, restarting after faults as `fault.*` allows; returns the
     last attempt's result (exit code included; see launcher.elastic)."""
     cfg = load_config(config_path, overrides)
@@ -85,9 +112,9 @@ def train_job(config_path: str | Path, overrides: Sequence[str] = (), *, hosts: 
     def plan(active: Sequence[HostSpec] | None, again: bool) -> LaunchSpec:
         nonlocal first
         _cfg, spec = plan_training(config_path, overrides, hosts=active, nproc=nproc, resume=again,
-                                   stop_at=stop_at, emit=emit if first else (lambda _line: None))
+                                   stop_at=stop_at, push_model=push_model, emit=emit if first else (lambda _line: None))
         first = False
-        return replace(spec, link=link)
+        return replace(spec, link=link, transfers=transfers)
 
     command = resume_command or f"macrun train {'--hosts <hosts file> ' if hosts else ''}{config_path} --resume"
     return train_elastic(cfg, plan, hosts=hosts, resume=resume, accept_new_host_keys=accept_new_host_keys,

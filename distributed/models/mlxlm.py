@@ -11,6 +11,8 @@ written in the files mlx-lm reads back:
     mlx_lm.fuse --model PATH --adapter-path runs/<name>/adapters
 
 A model is a local folder or a repo name already in this machine's Hugging Face cache; nothing is fetched.
+On a host the launcher may name the folder to load instead (env MACRUN_MODEL_DIR: where that host holds the
+same files, found or pushed by launcher/modelpush.py); `model.path` still names the model in checkpoints.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from distributed.config import Config
+from distributed.env import MODEL_DIR_VAR
 from distributed.errors import ConfigError
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -80,6 +83,19 @@ def resolve_model_path(name: str) -> Path:
     return found
 
 
+def model_dir(name: str) -> Path:
+    """The folder this rank loads `name` from: the one the launcher found on this host (MACRUN_MODEL_DIR),
+    else `resolve_model_path(name)`."""
+    given = os.environ.get(MODEL_DIR_VAR)
+    if not given:
+        return resolve_model_path(name)
+    folder = Path(given)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{MODEL_DIR_VAR}={given} is not a model folder (it has no config.json)",
+                          hint="launch again: macrun checks each host's model before starting the ranks")
+    return folder
+
+
 def config_sha256(path: Path) -> str:
     """sha256 of the model's config.json: names the base model in checkpoints and adapter configs."""
     return hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
@@ -117,7 +133,7 @@ def load_finetune(cfg: Config) -> FineTune:
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
-    path = resolve_model_path(cfg.model.path)
+    path = model_dir(cfg.model.path)
     f = cfg.finetune
     try:
         model, config = load_model(path)
