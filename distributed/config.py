@@ -110,6 +110,11 @@ class TrainConfig:
 class StrategyConfig:
     mode: str = _f("auto", "How ranks combine their work: per-step allreduce (ddp), DiLoCo, or "
                    "auto (chosen from measured step time and link speed).", choices=("auto", "ddp", "diloco"))
+    balance: str = _f("auto", "DDP with several ranks: auto times a step on every rank at start and splits each "
+                      "step's global batch (ranks × train.batch_size) in shares proportional to the measured "
+                      "speeds, so a fast Mac does not wait for a slow one (equal shares when all are within 10%; "
+                      "gradients are weighted by share, so training equals equal shares up to float rounding); "
+                      "off keeps equal shares. DiLoCo does not balance.", choices=("auto", "off"))
     inner_steps: int = _f(100, "DiLoCo: local AdamW steps between synchronisations (H).", min=1)
     outer_lr: float = _f(0.7, "DiLoCo: outer learning rate.", gt=0.0, max=10.0)
     outer_momentum: float = _f(0.9, "DiLoCo: outer momentum.", min=0.0, max=0.999999)

@@ -15,7 +15,7 @@ import math
 import os
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -341,18 +341,19 @@ class BatchSampler(ShardedStream):
 
     The file is cut into non-overlapping windows of seq_len+1 tokens; the windows are the stream's items
     (see ShardedStream: disjoint per rank within an epoch, a pure function of the step, resumable with
-    another world size).
+    another world size, slices sized by `shares` under balanced DDP).
     """
 
     def __init__(self, path: Path, seq_len: int, batch_size: int, rank: int, world_size: int,
-                 seed: int, *, start_step: int = 0, start_position: int | None = None) -> None:
-        check_shard(batch_size, rank, world_size, start_step, start_position)
+                 seed: int, *, start_step: int = 0, start_position: int | None = None,
+                 shares: Sequence[int] | None = None) -> None:
+        check_shard(batch_size, rank, world_size, start_step, start_position, shares)
         if seq_len < 1:
             raise ValueError("batch_size and seq_len must be positive")
         self.path, self.seq_len = Path(path), seq_len
         self._windows = _windows(self.path, seq_len)
         super().__init__(int(self._windows.shape[0]), batch_size, rank, world_size, seed,
-                         start_step=start_step, start_position=start_position)
+                         start_step=start_step, start_position=start_position, shares=shares)
 
     @property
     def num_windows(self) -> int:
@@ -363,7 +364,7 @@ class BatchSampler(ShardedStream):
         return self.item_ids(step)
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(x, y), int32 arrays of shape (batch_size, seq_len); y is x shifted left by one token."""
+        """(x, y), int32 arrays of shape (local_batch, seq_len); y is x shifted left by one token."""
         return _to_xy(self._windows[self.window_ids(step)])
 
 

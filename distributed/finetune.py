@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +112,16 @@ class FinetuneTask:
 
     # -- data ----------------------------------------------------------------------------------------
 
+    # The loss is already scaled by the whole step's token count (ExampleSampler, global_mean): averaging the
+    # ranks' gradients is exact however the step's examples are shared out, so balanced DDP weighs nothing.
+    local_mean_loss = False
+
     def start(self, rank: int, world_size: int, start_step: int, position: int | None, *,
-              global_mean: bool) -> None:
+              global_mean: bool, shares: Sequence[int] | None = None) -> None:
         t = self.cfg.train
         self.sampler = ExampleSampler(self.data_dir, self.cfg.data.seq_len, t.batch_size, rank, world_size,
                                       self.cfg.run.seed, start_step=start_step, start_position=position,
-                                      global_mean=global_mean)
+                                      global_mean=global_mean, shares=shares)
         batches = eval_batches(self.data_dir, self.cfg.data.seq_len, t.batch_size, t.eval_batches)
         self._evals = [tuple(mx.array(a) for a in b) for b in batches]
         self._eval_tokens = float(sum(b[2].sum() for b in batches))

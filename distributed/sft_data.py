@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,17 +267,19 @@ class ExampleSampler(ShardedStream):
 
     `global_mean` (DDP: the ranks average gradients every step) scales each rank's summed loss by
     world_size / (loss tokens of the whole step), which every rank computes from the step's example ids,
-    so the averaged gradient is exactly that of the global batch's token mean; otherwise each rank takes
-    its own token mean.
+    so the averaged gradient is exactly that of the global batch's token mean, however the step's examples
+    are cut between the ranks (equal slices or balanced DDP's `shares`); otherwise each rank takes its own
+    token mean.
     """
 
     def __init__(self, dir: Path, seq_len: int, batch_size: int, rank: int, world_size: int, seed: int, *,
-                 start_step: int = 0, start_position: int | None = None, global_mean: bool = True) -> None:
+                 start_step: int = 0, start_position: int | None = None, global_mean: bool = True,
+                 shares: Sequence[int] | None = None) -> None:
         self.examples = Examples(Path(dir), "train", seq_len)
         if not len(self.examples):
             raise DataError(f"{dir} holds no training examples", hint=_HINT)
         super().__init__(len(self.examples), batch_size, rank, world_size, seed, start_step=start_step,
-                         start_position=start_position)
+                         start_position=start_position, shares=shares)
         self.global_mean = global_mean
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

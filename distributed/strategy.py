@@ -9,6 +9,7 @@ rank is). The collective engine is always MLX's own `mx.distributed` (ring backe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -54,6 +55,8 @@ class Strategy:
     # Whether each rank's inner optimizer state is its own (DiLoCo) rather than identical everywhere (DDP): then
     # every rank saves and restores its own beside the checkpoint.
     own_optimizer_state = False
+    # Balanced DDP: each rank's number of samples per step (distributed.balance); None: equal shares.
+    shares: tuple[int, ...] | None = None
 
     def reduce_gradients(self, grads: Any) -> Any:
         """Runs inside the compiled train step, between the backward pass and the optimizer."""
@@ -134,13 +137,20 @@ class DDPStrategy(Strategy):
     name = "ddp"
     syncs_every_step = True
 
-    def __init__(self, group: mx.distributed.Group, bucket_bytes: int = 32 << 20) -> None:
+    def __init__(self, group: mx.distributed.Group, bucket_bytes: int = 32 << 20,
+                 shares: Sequence[int] | None = None) -> None:
         super().__init__(group)
         self.bucket_bytes = bucket_bytes
         self._step_bytes = 0
+        self.shares = tuple(shares) if shares is not None else None
+        # This rank's gradient is multiplied by this before the all_sum (balanced DDP sets shares[r]·world/B;
+        # see train.train); 1.0 leaves the step exactly as it was.
+        self.grad_weight = 1.0
 
     def setup(self, model: nn.Module, *, rank: int, world_size: int) -> None:
         super().setup(model, rank=rank, world_size=world_size)
+        if self.shares is not None and len(self.shares) != world_size:
+            raise ValueError(f"{len(self.shares)} batch shares for {world_size} ranks")
         # The same seed gives the same weights everywhere; taking rank 0's makes it a guarantee
         # (and keeps a resumed rank 0 authoritative).
         self.bytes_sent += broadcast_parameters(model, self.group)
@@ -165,6 +175,8 @@ class DDPStrategy(Strategy):
             if not bucket:
                 return
             parts = [g.reshape(-1) for _, g in bucket]
+            if self.grad_weight != 1.0:
+                parts = [p * self.grad_weight for p in parts]
             if final and votes is not None:  # a few floats ride along in the last bucket: no extra collective
                 parts.append(votes.astype(parts[0].dtype))
             summed = mx.distributed.all_sum(mx.concatenate(parts), group=self.group)

@@ -16,7 +16,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -112,11 +112,14 @@ class BuiltinTask:
     def check_same_base(self, rank: int, world_size: int, group: Any) -> int:
         return 0  # built from the seed alone: nothing loaded that could differ between hosts
 
+    # The loss is the mean over this rank's own batch: under balanced DDP its gradient needs a weight.
+    local_mean_loss = True
+
     def start(self, rank: int, world_size: int, start_step: int, position: int | None, *,
-              global_mean: bool) -> None:
+              global_mean: bool, shares: Sequence[int] | None = None) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.sampler = BatchSampler(self.data_dir / "train.bin", cfg.data.seq_len, t.batch_size, rank, world_size,
-                                    cfg.run.seed, start_step=start_step, start_position=position)
+                                    cfg.run.seed, start_step=start_step, start_position=position, shares=shares)
         self._world = world_size
         self._evals = [(mx.array(x), mx.array(y)) for x, y in
                        val_batches(self.data_dir / "val.bin", cfg.data.seq_len, t.batch_size, t.eval_batches)]
@@ -221,7 +224,12 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
                 optimizer.state = own
 
     # Under DDP a step's loss is the mean over every rank's tokens (see sft_data.ExampleSampler).
-    task.start(rank, world_size, start_step, position, global_mean=strategy.syncs_every_step)
+    shares = strategy.shares if shared else None
+    task.start(rank, world_size, start_step, position, global_mean=strategy.syncs_every_step, shares=shares)
+    if shares is not None and task.local_mean_loss:
+        # Balanced DDP (distributed.balance): rank r's loss is the mean over its shares[r] samples, so its
+        # gradient is weighted by shares[r]·world/B before the ranks average: the update is the global batch's mean.
+        strategy.grad_weight = shares[rank] * world_size / sum(shares)
     say(task.describe(world_size, strategy.name))
 
     state = [model.state, optimizer.state, mx.random.state]

@@ -39,9 +39,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure_step_seconds(cfg: Config, repeats: int = 3, task: Any = None) -> float:
+def measure_step_seconds(cfg: Config, repeats: int = 3, task: Any = None, group: Any = None) -> float:
     """One training step's compute time on this rank (forward + backward of the real model and batch shape);
-    `task` is a fine-tune's (distributed.finetune.FinetuneTask), whose model is timed on a full-length batch."""
+    `task` is a fine-tune's (distributed.finetune.FinetuneTask), whose model is timed on a full-length batch.
+
+    With `group` (collective) the ranks start timing together after compiling, so ranks that share a host
+    time while the others run too, as they will train, rather than beside another's compilation."""
     import time
     from functools import partial
 
@@ -59,6 +62,8 @@ def measure_step_seconds(cfg: Config, repeats: int = 3, task: Any = None) -> flo
                  mx.random.randint(0, 256, shape, key=mx.random.key(2)))
     step = mx.compile(partial(nn.value_and_grad(model, loss), model))
     mx.eval(step(*batch))  # compile and warm up
+    if group is not None:
+        mx.eval(mx.distributed.all_sum(mx.array(0.0), group=group))
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
@@ -67,8 +72,10 @@ def measure_step_seconds(cfg: Config, repeats: int = 3, task: Any = None) -> flo
     return sorted(times)[len(times) // 2]
 
 
-def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any, task: Any = None) -> tuple[str, str]:
-    """Auto mode: measure the ring's links and a step, and let the cost model choose; rank 0's word binds all."""
+def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any, task: Any = None,
+                step_seconds: float | None = None) -> tuple[str, str]:
+    """Auto mode: measure the ring's links and a step (`step_seconds`: this rank's, when already timed), and let
+    the cost model choose; rank 0's word binds all."""
     import mlx.core as mx
 
     from distributed.costmodel import choose_strategy as cost_choice
@@ -79,7 +86,7 @@ def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any, task: Any = 
                          tag=f"auto-{env.run_id}")
     bandwidth = min(m.bandwidth_bytes_s for m in links)
     latency = max(m.rtt_s for m in links) / 2
-    mine = measure_step_seconds(cfg, task=task)
+    mine = step_seconds if step_seconds is not None else measure_step_seconds(cfg, task=task, group=group)
     step = float(mx.distributed.all_sum(mx.array(mine), group=group).item()) / env.world_size
     # What travels is the gradient of what trains: for a LoRA fine-tune, the adapters alone.
     grads = task.trainable_bytes if task is not None else \
@@ -94,7 +101,11 @@ def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any, task: Any = 
 
 
 def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: Any = None) -> tuple[Strategy, str]:
-    """The strategy for this run and the reason, printed by rank 0 (`task`: a fine-tune's, to time its step)."""
+    """The strategy for this run and the reason, printed by rank 0 (`task`: a fine-tune's, to time its step).
+
+    DDP with strategy.balance=auto also agrees on the ranks' batch shares (distributed.balance) from a step
+    each rank times (the one auto mode timed, when it did); the reason then has a second line, `balance: ...`.
+    """
     from distributed.strategy import LocalStrategy
 
     if env is None or env.world_size == 1:
@@ -109,9 +120,11 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
     group = mx.distributed.init(backend=env.mlx_backend, strict=True)  # "jaccl" when the launcher chose it
     mode = cfg.strategy.mode
     reason = f"strategy.mode={mode}"
+    seconds = None  # this rank's timed step, shared by auto mode and balancing
     if mode == "auto":
         if client is not None and env.mlx_hostfile:
-            mode, reason = decide_auto(cfg, env, group, client, task)
+            seconds = measure_step_seconds(cfg, task=task, group=group)
+            mode, reason = decide_auto(cfg, env, group, client, task, step_seconds=seconds)
         else:  # started by hand without the launcher's rendezvous: the link's kind decides
             mode = "diloco" if env.link == "network" else "ddp"
             reason = f"auto: {env.link} link, not measured (no rendezvous) → {mode}"
@@ -119,7 +132,20 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
         from distributed.diloco import DiLoCoStrategy
 
         return DiLoCoStrategy.from_config(group, cfg.strategy, log=lambda m: print(m, flush=True)), reason
-    return DDPStrategy(group), reason
+    strategy = DDPStrategy(group)
+    if cfg.strategy.balance == "auto" and env.local_world_size == env.world_size and seconds is None:
+        # Every rank on this host (the env contract says so): they share its processor, nothing to balance,
+        # and no step to time for it (auto mode timed one anyway: then the line shows the speeds).
+        reason += f"\nbalance: equal shares of {cfg.train.batch_size} per rank, every rank is on one host"
+    elif cfg.strategy.balance == "auto":
+        from distributed.balance import agree_shares
+
+        seconds = seconds if seconds is not None else measure_step_seconds(cfg, task=task, group=group)
+        batch = cfg.train.batch_size
+        plan = agree_shares(batch / seconds, batch * env.world_size, group, host=socket.gethostname())
+        strategy.shares = None if plan.equal else plan.shares
+        reason += "\n" + plan.describe()
+    return strategy, reason
 
 
 BATTERY_CHECK_S = 60.0

@@ -205,4 +205,8 @@ def test_macrun_train_two_local_ranks_picks_ddp_on_a_local_link(tmp_path: Path, 
     assert result.exit_code == 0, text
     # Auto mode measured the loopback ring and a step, and the cost model chose DDP.
     assert re.search(r"strategy ddp: auto: allreduce \S+ \S+ vs step \S+ \S+ over local → DDP", text), text
+    # ...and, with the step it timed, agreed on the ranks' batch shares (strategy.balance=auto, the default):
+    # equal, both ranks being on this host.
+    assert re.search(r"balance: equal shares of 2 per rank, every rank is on one host \((\S+), \1 samples/s\)",
+                     text), text
     assert f"done: step {STEPS}" in text

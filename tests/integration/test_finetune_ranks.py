@@ -2,8 +2,9 @@
 
 DDP: two ranks with batch B end where one rank with batch 2B does, on the trainable parameters (the
 adapters), because the ranks average gradients of a loss scaled to the whole step's token count
-(sft_data.ExampleSampler). DiLoCo goes through the real launcher (`macrun train --nproc 2`'s path) and its
-adapters load in mlx-lm. Ranks are fresh Python processes (tests/integration/test_ddp.py's helpers).
+(sft_data.ExampleSampler); so do unequal shares of the step's examples (balanced DDP), with no gradient
+weights. DiLoCo goes through the real launcher (`macrun train --nproc 2`'s path) and its adapters load in
+mlx-lm. Ranks are fresh Python processes (tests/integration/test_ddp.py's helpers).
 """
 
 from __future__ import annotations
@@ -39,21 +40,24 @@ def config(model: Path, data: Path, batch: int, **sections: dict) -> dict:
             **sections}
 
 
-# One DDP rank. argv: out_dir data_dir config_json.
+# One DDP rank. argv: out_dir data_dir config_json shares_json (null: equal shares).
 RANK = r"""
 import json, sys
 from pathlib import Path
 import mlx.core as mx
 from distributed.config import config_from_dict
 from distributed.strategy import DDPStrategy
-from distributed.train import train
+from distributed.train import make_task, train
 
 out, data, cfg = Path(sys.argv[1]), Path(sys.argv[2]), config_from_dict(json.loads(sys.argv[3]))
 group = mx.distributed.init(backend="ring", strict=True)
-rank, world, strategy = group.rank(), group.size(), DDPStrategy(group)
+rank, world, strategy = group.rank(), group.size(), DDPStrategy(group, shares=json.loads(sys.argv[4]))
+task = make_task(cfg, data)
 result = train(cfg, data_dir=data, run_dir=out / "run", rank=rank, world_size=world, strategy=strategy,
-               log=lambda m: print(m, flush=True))
-(out / f"report{rank}.json").write_text(json.dumps({"bytes_sent": strategy.bytes_sent, "loss": result.loss}))
+               log=lambda m: print(m, flush=True), task=task)
+(out / f"report{rank}.json").write_text(json.dumps({"bytes_sent": strategy.bytes_sent, "loss": result.loss,
+                                                   "grad_weight": strategy.grad_weight,
+                                                   "examples": task.sampler.local_batch}))
 """
 
 
@@ -67,11 +71,12 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("chat"), "chat", train=40, valid=4)
 
 
+@pytest.mark.parametrize("shares", [None, [1, 3]], ids=["equal", "balanced"])
 def test_two_ddp_ranks_of_b_equal_one_rank_of_2b_on_the_adapters(tmp_path: Path, models: dict[str, Path],
-                                                                  chat: Path) -> None:
+                                                                  chat: Path, shares: list[int] | None) -> None:
     cfg2, cfg4 = config(models["llama"], chat, 2), config(models["llama"], chat, 4)
     prepared = prepare_finetune_data(config_from_dict(cfg2), tmp_path / "data")
-    ddp = start_ranks(RANK, [str(prepared.dir), json.dumps(cfg2)], tmp_path / "ddp", 2)
+    ddp = start_ranks(RANK, [str(prepared.dir), json.dumps(cfg2), json.dumps(shares)], tmp_path / "ddp", 2)
     try:  # the reference, one rank with the whole batch, here while the ranks start
         train(config_from_dict(cfg4), data_dir=prepared.dir, run_dir=tmp_path / "single" / "run", log=lambda _m: None)
     finally:
@@ -97,6 +102,8 @@ def test_two_ddp_ranks_of_b_equal_one_rank_of_2b_on_the_adapters(tmp_path: Path,
     adapters = sum(np.array(v).nbytes for v in two.groups["model"].values())
     tensors = len(two.groups["model"])
     reports = [json.loads((tmp_path / "ddp" / f"report{r}.json").read_text()) for r in (0, 1)]
+    assert [rep["examples"] for rep in reports] == (shares or [2, 2])  # examples per step on each rank
+    assert reports[0]["grad_weight"] == reports[1]["grad_weight"] == 1.0  # the token-count scale is already exact
     expected = ring_bytes(adapters, 2) * (1 + STEPS) + 2 * (2 * tensors * 4) + 4
     assert reports[0]["bytes_sent"] == reports[1]["bytes_sent"] == expected
 
