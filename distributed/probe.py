@@ -439,13 +439,46 @@ def mlx_fingerprint() -> str | None:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def free_ports(count: int) -> list[int]:
-    """TCP ports free on this host now (held open together, so they differ): for the ring and MASTER_PORT."""
-    held = []
+# Ports the launcher names for MLX's ring are bound by the ranks only a second or two later. A port the kernel
+# hands out for outgoing connections (the ephemeral range) can be taken in between by any connect() on the
+# host, and the rank then fails with "Couldn't bind socket (error: 98)"; so they are chosen just below it.
+EPHEMERAL_FIRST = {"Linux": 32768, "Darwin": 49152}  # the kernels' defaults, when the live value is unknown
+LISTEN_SPAN = 12000  # how far below the ephemeral range to look
+
+
+def ephemeral_first() -> int:
+    """The first port this host's kernel uses for outgoing connections."""
+    system = platform.system()
+    text = _read("/proc/sys/net/ipv4/ip_local_port_range") if system == "Linux" else \
+        _run(["sysctl", "-n", "net.inet.ip.portrange.first"]) if system == "Darwin" else ""
+    fields = text.split()
+    return int(fields[0]) if fields and fields[0].isdigit() else EPHEMERAL_FIRST.get(system, 32768)
+
+
+def free_ports(count: int, host: str = "0.0.0.0") -> list[int]:
+    """`count` TCP ports free on this host now, below the ephemeral range where possible (see above); held
+    open together while chosen, so they differ."""
+    import random
+
+    if count <= 0:
+        return []
+    top = ephemeral_first()
+    low = max(1024, top - LISTEN_SPAN)
+    held: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for port in random.sample(range(low, top), min(top - low, 40 * count)) if top > low else []:
             s = socket.socket()
-            s.bind(("0.0.0.0", 0))
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            if len(held) == count:
+                break
+        while len(held) < count:  # a crowded range: whatever the kernel gives
+            s = socket.socket()
+            s.bind((host, 0))
             held.append(s)
         return [s.getsockname()[1] for s in held]
     finally:

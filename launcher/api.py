@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -73,17 +72,10 @@ def watch_for(spec: LaunchSpec, store: StoreServer) -> Watch:
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the kernel says are free now (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """Ports free on this machine now, chosen below the ephemeral range (distributed.probe.free_ports)."""
+    from distributed.probe import free_ports
+
+    return free_ports(count, host)
 
 
 def ring_hostfile(addresses: Sequence[str], ports: Sequence[int]) -> str:

@@ -335,3 +335,19 @@ def test_launcher_reuses_the_cached_mlx_answer(connect, tmp_path: Path,  # type:
     probecache.cache_path().write_text("{not json")
     assert preflight.probe_host(conn).mlx_version == mx.__version__
     assert json.loads(probecache.cache_path().read_text())  # rewritten
+
+
+def test_free_ports_are_below_the_ephemeral_range_distinct_and_bindable() -> None:
+    # Outgoing connections take ephemeral ports: one could steal a ring port between choosing and binding.
+    ports = probe.free_ports(6)
+    top = probe.ephemeral_first()
+    assert len(set(ports)) == 6 and all(1024 <= p < top for p in ports), (ports, top)
+    import socket
+
+    held = [socket.socket() for _ in ports]
+    try:
+        for s, p in zip(held, ports):
+            s.bind(("0.0.0.0", p))
+    finally:
+        for s in held:
+            s.close()
