@@ -346,7 +346,7 @@ def test_free_ports_are_below_the_ephemeral_range_distinct_and_bindable() -> Non
 
     held = [socket.socket() for _ in ports]
     try:
-        for s, p in zip(held, ports):
+        for s, p in zip(held, ports, strict=True):
             s.bind(("0.0.0.0", p))
     finally:
         for s in held:
