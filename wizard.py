@@ -40,14 +40,19 @@ from launcher.discovery import (
     merge_hosts,
     template_from_file,
 )
+from launcher.fit import fit_shortfall
 from launcher.hostcheck import CheckState, HostCheck, check_machines, judge, render_checks
 from launcher.hosts import HostSpec, load_hosts, save_hosts
+from launcher.localmodels import data_folder_problem, find_local_models, hf_hub_cache
 from launcher.plan import (
+    FINETUNE_CONFIG,
+    FINETUNE_KINDS,
     Machine,
     ModelChoice,
     WizardPlan,
     default_model,
     find_config_dir,
+    finetune_choice,
     fit_problem,
     format_bytes,
     format_count,
@@ -58,10 +63,11 @@ from launcher.plan import (
     plan_links,
     plan_rows,
     run_config_text,
+    set_override,
     write_atomic,
 )
 from launcher.preflight import HostFacts, raise_for_problems
-from launcher.wizard_view import candidate_title, candidates_table, model_title, shown_path
+from launcher.wizard_view import candidate_title, candidates_table, finetune_title, model_title, shown_path
 
 EXIT_CANCELLED = 130
 ADD = "\0add"  # the checkbox value of "add a machine by address"
@@ -309,25 +315,86 @@ class Wizard:
         if default is None:
             raise ConfigError(f"no config in {config_dir} can be loaded",
                               hint=next((c.error for c in choices if c.error), "add a YAML config there"))
-        fits = {c.name: fit_problem(c.memory_per_rank, machines) for c in choices}
         smallest = min(machines, key=lambda m: m.memory_bytes, default=None)
         where = shown_path(config_dir, self.cwd)
         if smallest is not None:
             self.out.print(f"models in {where} (the smallest Mac, {smallest.name}, has "
                            f"{format_bytes(smallest.memory_bytes)}):")
+        local = self._local_models(config_dir)
+        if local:  # the mlx-lm configs are templates for these models: the models found take their place
+            choices = [c for c in choices if c.config is None or c.config.model.source == "builtin"]
+        fits = {c.name: fit_problem(c.memory_per_rank, machines) for c in choices}
         if self.args.overrides:
             self.out.print(f"sizes include your --set {' '.join(self.args.overrides)}")
-        items = [questionary.Choice(model_title(c, fits.get(c.name)), value=c.name,
+        width = min(48, max(len(c.name) for c in [*choices, *local]))
+        items = [questionary.Choice(model_title(c, fits.get(c.name), width), value=c.name,
                                     disabled=c.error) for c in choices]
+        if local:
+            items.append(questionary.Separator(f"── mlx-lm models on this Mac, fine-tuned with {FINETUNE_CONFIG} "
+                                               "(sizes for its LoRA) ──"))
+            items += [questionary.Choice(model_title(c, None, width), value=c.name,
+                                         disabled=c.error or self._too_big(c, machines)) for c in local]
         while True:
             default_item = next(i for i in items if i.value == default.name)
             name = self.ask.select("Which model?", items, default_item)
+            found = next((c for c in local if c.name == name), None)
+            if found is not None:
+                return self._choose_finetune(found, machines), None
             choice = next(c for c in choices if c.name == name)
             if not fits[name]:
                 return choice, None
             self.out.print(f"[yellow]warning:[/] {escape(name)} {escape(fits[name] or '')}")
             if self.ask.confirm(f"Use {name} anyway?", default=False, yes_answer=True):
                 return choice, fits[name]
+
+    def _local_models(self, config_dir: Path) -> list[ModelChoice]:
+        """The mlx-lm models in the Hugging Face cache and ./models, sized for a LoRA with FINETUNE_CONFIG."""
+        template = config_dir / FINETUNE_CONFIG
+        template = template if template.is_file() else SOURCE_ROOT / "configs" / FINETUNE_CONFIG
+        hub = hf_hub_cache()
+        with self.out.status(f"Looking for mlx-lm models in {hub} and ./models…"):
+            local = [finetune_choice(m, template, self.args.overrides) for m in find_local_models(self.cwd)]
+        self.out.print(f"mlx-lm models: {len(local)} in {hub} and ./models" if local else
+                       f"mlx-lm models: none in {hub} or ./models (`hf download mlx-community/"
+                       "Llama-3.2-1B-Instruct-4bit`, or a model folder in ./models, adds one)")
+        return local
+
+    @staticmethod
+    def _too_big(c: ModelChoice, machines: list[Machine]) -> str | None:
+        """Why a fine-tune cannot be offered: the launch refuses one that does not fit (launcher/fit.py)."""
+        short = fit_shortfall(c.memory_per_rank, machines)
+        return f"too big: {short.describe()}" if short else None
+
+    def _choose_finetune(self, base: ModelChoice, machines: list[Machine]) -> ModelChoice:
+        """The data folder and what trains (lora, dora, full) for the mlx-lm model picked."""
+        import questionary
+
+        assert base.local is not None and base.config is not None
+        data = self._ask_data_folder(base.config.data.path)
+        kinds = {kind: finetune_choice(base.local, base.path, self.args.overrides,
+                                       (set_override("data.path", data), f"finetune.type={kind}"))
+                 for kind in FINETUNE_KINDS}
+
+        def why_not(kind: str, c: ModelChoice) -> str | None:
+            if kind == "full" and base.local and base.local.quantized:
+                return "its weights are quantised: full fine-tuning needs an unquantised model"
+            return c.error or self._too_big(c, machines)
+
+        items = [questionary.Choice(finetune_title(k, c), value=k, disabled=why_not(k, c)) for k, c in kinds.items()]
+        default = next((i for i in items if i.value == base.config.finetune.type and not i.disabled), items[0])
+        return kinds[self.ask.select(f"Fine-tune {base.name} how?", items, default)]
+
+    def _ask_data_folder(self, default: str) -> str:
+        while True:
+            text = self.ask.text("Data folder (holding train.jsonl, and valid.jsonl if you have one)", default)
+            problem = data_folder_problem(text, self.cwd)
+            if problem is None:
+                return text
+            self.out.print(f"[red]{escape(problem)}[/]")
+            if self.ask.assume_yes:
+                raise ConfigError(problem, hint="answer the question in a terminal, or use macrun train with "
+                                                "--set data.path=<folder>")
+            default = text  # typed again with the mistake in view
 
     def _model_by_flag(self, config_dir: Path, text: str) -> ModelChoice:
         path = Path(text)
@@ -348,7 +415,7 @@ class Wizard:
         base = choice.config.run
         output_dir = Path(base.output_dir)
         name = pick_run_name(base.name, output_dir)
-        overrides = tuple(self.args.overrides) + ((f"run.name={name}",) if name != base.name else ())
+        overrides = (*self.args.overrides, *choice.sets) + ((f"run.name={name}",) if name != base.name else ())
         config = load_config(choice.path, overrides)
         existing = [h.name for h in self.file_hosts]
         selected = {h.name.lower() for h in hosts}
@@ -360,7 +427,8 @@ class Wizard:
                           source_config=choice.path, overrides=overrides, hosts_file=self.args.hosts,
                           run_config=output_dir / f"{name}.yaml",
                           run_hosts_file=output_dir / f"{name}.hosts.json" if kept else None,
-                          kept_entries=len(kept), link_mode=self.args.link, warnings=warnings)
+                          kept_entries=len(kept), link_mode=self.args.link, warnings=warnings,
+                          push_model=choice.local is not None)
 
     def show_plan(self, plan: WizardPlan) -> None:
         grid = Table.grid(padding=(0, 2))
@@ -384,7 +452,7 @@ class Wizard:
         self.out.print("wrote " + ", ".join(str(p) for p in self.written))
         self.out.print(f"the same launch again, without the wizard:\n  [bold]{escape(plan.command(self.cwd))}[/]")
         hosts = load_hosts(plan.launch_hosts_file, check_files=False)
-        result = train_job(plan.run_config, [], hosts=hosts, link=plan.link_mode,
+        result = train_job(plan.run_config, [], hosts=hosts, link=plan.link_mode, push_model=plan.push_model,
                            emit=lambda line: self.out.print(line, markup=False),
                            resume_command=f"{plan.command(self.cwd)} --resume")
         if result.exit_code != 0:

@@ -17,12 +17,16 @@ import yaml
 from distributed.config import Config, ModelConfig, load_config
 from distributed.errors import MacrunError
 from distributed.models.gpt import VOCAB_SIZE, estimate_memory_bytes
+from distributed.models.mlxlm_memory import MemoryEstimate, estimate_finetune_memory
 from distributed.topology import RingPlan, plan_ring
 from launcher.fit import FIT_SHARE, Machine, fit_problem, format_bytes, format_count  # noqa: F401  (re-exported)
 from launcher.hosts import HostSpec, write_atomic  # noqa: F401  (re-exported for the wizard)
+from launcher.localmodels import LocalModel, trainable_bytes
 from launcher.preflight import HostFacts
 
 PREFERRED_MODEL = "quickstart"
+FINETUNE_CONFIG = "lora-chat.yaml"  # the config a local mlx-lm model is fine-tuned with, its defaults sizing it
+FINETUNE_KINDS = {"lora": "LoRA", "dora": "DoRA", "full": "full fine-tune"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +38,19 @@ class ModelChoice:
     description: str  # the first comment line of the file
     config: Config | None
     params: int = 0
-    memory_per_rank: int = 0  # bytes, estimate_memory_bytes
+    memory_per_rank: int = 0  # bytes, estimate_memory_bytes (a fine-tune: estimate_finetune_memory)
     error: str | None = None
+    sets: tuple[str, ...] = ()  # the --set overrides that make `path` this model: a fine-tune's model.path, ...
+    local: LocalModel | None = None  # the mlx-lm model on this Mac that it fine-tunes
+    estimate: MemoryEstimate | None = None  # that fine-tune's memory per rank, in parts
+
+    @property
+    def sync_bytes(self) -> int:
+        """Bytes of what trains, which DDP all-reduces every step: float32 gradients of the GPT; a fine-tune's
+        trainable parameters (LoRA: the adapters)."""
+        if self.local is not None and self.estimate is not None:
+            return trainable_bytes(self.local, self.estimate)
+        return self.params * 4
 
 
 # ---- models -------------------------------------------------------------------------------------------
@@ -75,6 +90,38 @@ def load_model_choice(path: Path, overrides: Sequence[str] = ()) -> ModelChoice:
                            error=f"fine-tunes an mlx-lm model: macrun train configs/{path.name} --set model.path=...")
     return ModelChoice(path.stem, path, description, cfg, params=param_count(cfg.model, cfg.data.seq_len),
                        memory_per_rank=estimate_memory_bytes(cfg.model, cfg.data.seq_len, cfg.train.batch_size))
+
+
+def set_override(key: str, value: str) -> str:
+    """`key=value` for --set, the value single-quoted where YAML would not read it back as this string."""
+    try:
+        plain = yaml.safe_load(value) == value
+    except yaml.YAMLError:
+        plain = False
+    return f"{key}={value}" if plain else f"{key}='" + value.replace("'", "''") + "'"
+
+
+def finetune_choice(local: LocalModel, config_path: Path, overrides: Sequence[str] = (),
+                    sets: Sequence[str] = ()) -> ModelChoice:
+    """`local` fine-tuned with `config_path` (configs/lora-chat.yaml) plus `overrides` and the choice's own `sets`
+    (model.path first, then e.g. finetune.type), sized with estimate_finetune_memory; a failure is `error`.
+
+    A model with fewer layers than finetune.layers gets finetune.layers=-1 (all of them), which the estimate
+    assumed already: loading it would fail otherwise."""
+    all_sets = (set_override("model.path", local.name), *sets)
+    description = " · ".join(filter(None, [local.quantization or local.dtype, local.model_type, local.source]))
+    if local.error:
+        return ModelChoice(local.name, config_path, description, None, error=local.error, sets=all_sets, local=local)
+    try:
+        cfg = load_config(config_path, [*overrides, *all_sets])
+        estimate = estimate_finetune_memory(local.path, cfg)
+        if cfg.finetune.layers > estimate.layers:  # fewer layers than the config's count: the launch would refuse
+            all_sets += ("finetune.layers=-1",)
+            cfg = load_config(config_path, [*overrides, *all_sets])
+    except MacrunError as exc:
+        return ModelChoice(local.name, config_path, description, None, error=exc.message, sets=all_sets, local=local)
+    return ModelChoice(local.name, config_path, description, cfg, params=local.params, memory_per_rank=estimate.total,
+                       sets=all_sets, local=local, estimate=estimate)
 
 
 def list_models(config_dir: Path, overrides: Sequence[str] = ()) -> list[ModelChoice]:
@@ -169,6 +216,7 @@ class WizardPlan:
     kept_entries: int  # entries of hosts_file that stay as they were
     link_mode: str = "auto"  # --link: auto | thunderbolt | network
     warnings: list[str] = field(default_factory=list)
+    push_model: bool = False  # --push-model: copy an mlx-lm model to the hosts that lack it
 
     @property
     def world_size(self) -> int:
@@ -181,7 +229,8 @@ class WizardPlan:
     def command(self, cwd: Path) -> str:
         """The `macrun train` command that does the same launch again."""
         link = ["--link", self.link_mode] if self.link_mode != "auto" else []
-        return shlex.join(["macrun", "train", "--hosts", _relative(self.launch_hosts_file, cwd), *link,
+        push = ["--push-model"] if self.push_model else []
+        return shlex.join(["macrun", "train", "--hosts", _relative(self.launch_hosts_file, cwd), *link, *push,
                            _relative(self.run_config, cwd)])
 
 
@@ -192,8 +241,11 @@ def _relative(path: Path, cwd: Path) -> str:
         return str(path)
 
 
-def describe_traffic(cfg: Config, strategy: str, params: int, world_size: int) -> str:
-    """What each rank sends per synchronisation and over the whole run, for the strategy expected."""
+def describe_traffic(cfg: Config, strategy: str, params: int, world_size: int, grad_bytes: int | None = None) -> str:
+    """What each rank sends per synchronisation and over the whole run, for the strategy expected.
+
+    `params` are the values that travel (a fine-tune's trainable ones), `grad_bytes` their gradients' bytes
+    (default: float32, 4 per value)."""
     from distributed.compress import ring_bytes, wire_bytes
 
     if world_size <= 1 or strategy == "local":
@@ -204,7 +256,7 @@ def describe_traffic(cfg: Config, strategy: str, params: int, world_size: int) -
         rounds = -(-steps // h)
         return (f"each rank sends {format_bytes(per_sync)} per DiLoCo round ({cfg.strategy.exchange_dtype}, every "
                 f"{h} steps): {format_bytes(per_sync * rounds)} over {rounds} rounds")
-    per_step = ring_bytes(params * 4, world_size)
+    per_step = ring_bytes(params * 4 if grad_bytes is None else grad_bytes, world_size)
     return (f"each rank sends {format_bytes(per_step)} of gradients per step: "
             f"{format_bytes(per_step * steps)} over {steps:,} steps")
 
@@ -223,25 +275,63 @@ def plan_rows(plan: WizardPlan, cwd: Path) -> list[tuple[str, str]]:
                _relative(plan.run_config, cwd)]
     if plan.run_hosts_file:
         written.append(f"{_relative(plan.run_hosts_file, cwd)} (just these machines)")
+    if plan.model.local is not None and plan.model.estimate is not None:
+        rows = _finetune_rows(plan, cwd, strategy, why, ckpt, rank0)
+    else:
+        rows = [
+            ("model", f"{plan.model.name}: {cfg.model.size} GPT, {format_count(plan.model.params)} parameters, "
+                      f"about {format_bytes(plan.model.memory_per_rank)} per rank"),
+            ("strategy", f"{strategy} ({why})"),
+            ("traffic", describe_traffic(cfg, strategy, plan.model.params, plan.world_size)),
+            ("steps", f"{t.steps:,} steps × {plan.world_size} rank{'s' if plan.world_size != 1 else ''} × "
+                      f"{t.batch_size} sequences × {cfg.data.seq_len} tokens = {tokens:,} tokens; "
+                      "the run prints its ETA as it goes"),
+            ("data", f"{cfg.data.source}" + (f" (first {cfg.data.max_bytes:,} bytes)" if cfg.data.max_bytes else "")),
+            ("checkpoints", f"{ckpt}, on {rank0}, copied back to "
+                            f"{_relative(Path(cfg.run.output_dir) / cfg.run.name / 'checkpoints', cwd)}"),
+        ]
     rows = [
         ("machines", f"{machines} → {plan.world_size} rank{'s' if plan.world_size != 1 else ''}; "
                      f"rank 0 on {rank0}"),
         ("links", describe_links(plan.ring)),
-        ("model", f"{plan.model.name}: {cfg.model.size} GPT, {format_count(plan.model.params)} parameters, "
-                  f"about {format_bytes(plan.model.memory_per_rank)} per rank"),
-        ("strategy", f"{strategy} ({why})"),
-        ("traffic", describe_traffic(cfg, strategy, plan.model.params, plan.world_size)),
-        ("steps", f"{t.steps:,} steps × {plan.world_size} rank{'s' if plan.world_size != 1 else ''} × "
-                  f"{t.batch_size} sequences × {cfg.data.seq_len} tokens = {tokens:,} tokens; "
-                  "the run prints its ETA as it goes"),
-        ("data", f"{cfg.data.source}" + (f" (first {cfg.data.max_bytes:,} bytes)" if cfg.data.max_bytes else "")),
-        ("checkpoints", f"{ckpt}, on {rank0}, copied back to "
-                        f"{_relative(Path(cfg.run.output_dir) / cfg.run.name / 'checkpoints', cwd)}"),
+        *rows,
         ("writes", "; ".join(written)),
         ("command", plan.command(cwd)),
     ]
     rows += [("warning", w) for w in plan.warnings]
     return rows
+
+
+def _finetune_rows(plan: WizardPlan, cwd: Path, strategy: str, why: str, ckpt: str,
+                   rank0: str) -> list[tuple[str, str]]:
+    """The model..checkpoints rows of an mlx-lm fine-tune: what trains, what travels, where the adapters go."""
+    cfg, t, m = plan.config, plan.config.train, plan.model
+    assert m.local is not None and m.estimate is not None
+    e, kind = m.estimate, FINETUNE_KINDS.get(plan.config.finetune.type, plan.config.finetune.type)
+    rank = "" if e.kind == "full" else f" (rank {cfg.finetune.rank})"
+    what = f"{kind}{rank} {'of' if e.kind == 'full' else 'on'} the last {e.layers} layers"
+    stored = m.local.quantization or m.local.dtype
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    export = run_dir / ("model" if e.kind == "full" else "adapters")
+    trains = "the trained layers" if e.kind == "full" else "the adapters"
+    result = "the fine-tuned model" if e.kind == "full" else "the adapters"
+    pushed = [("model files", "each Mac's copy is compared with this Mac's (sizes and SHA-256) before any rank "
+                              "starts; what is missing or different is copied from here (--push-model)")]
+    return [
+        ("model", f"{m.name} (mlx-lm {m.local.model_type}, {format_count(m.params)} parameters, {stored}): {what}, "
+                  f"{format_count(e.trainable)} trainable; about {format_bytes(m.memory_per_rank)} per rank "
+                  f"(weights {format_bytes(e.weights)}, optimiser {format_bytes(e.optimiser)}, activations "
+                  f"{format_bytes(e.activations)})"),
+        *(pushed if plan.push_model else []),
+        ("strategy", f"{strategy} ({why})"),
+        ("traffic", f"{trains} travel: {format_count(e.trainable)} values, {format_bytes(m.sync_bytes)} per sync; "
+                    + describe_traffic(cfg, strategy, e.trainable, plan.world_size, m.sync_bytes)),
+        ("steps", f"{t.steps:,} steps × {plan.world_size} rank{'s' if plan.world_size != 1 else ''} × "
+                  f"{t.batch_size} examples of up to {cfg.data.seq_len} tokens; the run prints its ETA as it goes"),
+        ("data", f"{cfg.data.path} (train.jsonl, format {cfg.data.format}), tokenised once on this Mac"),
+        ("checkpoints", f"{ckpt}, on {rank0}, copied back to {_relative(run_dir / 'checkpoints', cwd)}; "
+                        f"{result} in mlx-lm's files: {_relative(export, cwd)}"),
+    ]
 
 
 def run_config_text(plan: WizardPlan, cwd: Path) -> str:

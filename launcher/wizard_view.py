@@ -42,10 +42,20 @@ def candidates_table(candidates: Sequence[Candidate]) -> Table:
     return table
 
 
-def model_title(c: ModelChoice, problem: str | None) -> str:
-    """One menu line: name, parameters, memory per rank, description, and a mark when it may not fit."""
+def model_title(c: ModelChoice, problem: str | None, width: int = 12) -> str:
+    """One menu line: name (padded to `width`), parameters, memory per rank, description, and a mark when it
+    may not fit."""
     if c.error:
-        return f"{c.name:<12} {c.description}"
+        return f"{c.name:<{width}} {c.description}"
     mark = "  ⚠ may not fit" if problem else ""
-    return (f"{c.name:<12} {format_count(c.params):>7} params  {format_bytes(c.memory_per_rank):>9}/rank  "
+    return (f"{c.name:<{width}} {format_count(c.params):>7} params  {format_bytes(c.memory_per_rank):>9}/rank  "
             f"{c.description}{mark}")
+
+
+def finetune_title(kind: str, c: ModelChoice) -> str:
+    """One line of the fine-tune question: the kind, what trains and the memory per rank."""
+    if c.estimate is None:
+        return f"{kind:<5} {c.error or ''}"
+    e = c.estimate
+    return (f"{kind:<5} {format_count(e.trainable):>7} trainable ({format_bytes(c.sync_bytes)} per sync)  "
+            f"{format_bytes(c.memory_per_rank):>9}/rank")

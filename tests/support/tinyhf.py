@@ -132,3 +132,22 @@ def write_dataset(out: Path, kind: str, train: int = 48, valid: int = 8, seed: i
         lines = [json.dumps(r) for r in records(kind, count, seed * 10 + salt)]
         (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     return out
+
+
+def put_in_hf_cache(hub: Path, repo_id: str, src: Path, revision: str = "0" * 40, main: bool = True) -> Path:
+    """Lay `src`'s files out as huggingface_hub's cache does under `hub` (blobs, symlinked snapshot files,
+    refs/main naming `revision` when `main`); returns the snapshot folder."""
+    import hashlib
+
+    repo = Path(hub) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in Path(src).iterdir() if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copy(path, blob)
+        (snapshot / path.name).symlink_to(blob)
+    if main:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+    return snapshot

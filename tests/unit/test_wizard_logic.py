@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -38,6 +40,7 @@ from launcher.plan import (
     write_atomic,
 )
 from launcher.preflight import GIB, HostFacts, InterfaceFacts
+from tests.support.tinyhf import put_in_hf_cache, tiny_models, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -404,3 +407,79 @@ def test_view_titles_and_table() -> None:
     assert model_title(choice, None).startswith("quickstart ") and "⚠" not in model_title(choice, None)
     assert model_title(choice, "needs more").endswith("⚠ may not fit")
     assert shown_path(CONFIGS, REPO) == "configs" and shown_path(CONFIGS, Path("/elsewhere")) == str(CONFIGS)
+
+
+class ScriptedAsker:
+    """The wizard's questions answered from a script of (start of the question, answer), in order; menus kept."""
+
+    assume_yes = False
+
+    def __init__(self, answers: list[tuple[str, Any]]) -> None:
+        self.answers = list(answers)
+        self.menus: dict[str, list[Any]] = {}
+
+    def _next(self, message: str) -> Any:
+        assert self.answers, f"unexpected question: {message}"
+        start, answer = self.answers.pop(0)
+        assert message.startswith(start), f"asked {message!r}, the script expected {start!r}"
+        return answer
+
+    def select(self, message: str, choices: list[Any], default: Any) -> Any:
+        answer = self._next(message)
+        self.menus[message] = choices
+        item = next(c for c in choices if getattr(c, "value", None) == answer)
+        assert not item.disabled, f"{answer} is not selectable: {item.disabled}"
+        return answer
+
+    def text(self, message: str, default: str = "") -> str:
+        return str(self._next(message))
+
+    def confirm(self, message: str, default: bool, yes_answer: bool | None = None) -> bool:
+        return bool(self._next(message))
+
+
+def test_picking_an_mlx_lm_model_plans_a_fine_tune_of_it(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tiny_models(tmp_path_factory.getbasetemp())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    put_in_hf_cache(tmp_path / "hub", "tiny-org/llama-4bit", models["llama-4bit"])
+    shutil.copytree(models["llama"], tmp_path / "models" / "llama")
+    write_dataset(tmp_path / "chat", "chat")
+    monkeypatch.chdir(tmp_path)
+    w = wizard_for(tmp_path, "--no-mdns", "--set", "train.steps=30")
+    w.ask = ScriptedAsker([("Which model?", "tiny-org/llama-4bit"), ("Data folder", "nope"), ("Data folder", "chat"),
+                           ("Fine-tune tiny-org/llama-4bit how?", "lora")])  # type: ignore[assignment]
+    specs = hosts("a", "b")
+    f = {"a": facts("a", tb=("10.0.1.1/30",)), "b": facts("b", tb=("10.0.1.2/30",))}
+    choice, problem = w.choose_model(specs, f)
+    assert problem is None and choice.local is not None and choice.estimate is not None
+    menu = {getattr(i, "value", None): i for i in w.ask.menus["Which model?"]}
+    # The presets as before; the mlx-lm templates give way to the models found, which are listed with their size.
+    assert "quickstart" in menu and "lora-chat" not in menu and "full-small" not in menu
+    assert not menu["models/llama"].disabled and "f32 · llama · models/" in menu["models/llama"].title
+    assert "4-bit, group 32 · llama · HF cache" in menu["tiny-org/llama-4bit"].title
+    kinds = {i.value: i for i in w.ask.menus["Fine-tune tiny-org/llama-4bit how?"]}
+    assert "quantised" in (kinds["full"].disabled or "") and not kinds["lora"].disabled and not kinds["dora"].disabled
+    shown = w.out.export_text()
+    assert "mlx-lm models: 2 in " in shown and "nope does not exist" in shown
+
+    plan = w.make_plan(specs, f, choice, problem)
+    assert plan.source_config == REPO / "configs" / "lora-chat.yaml" and plan.push_model
+    assert plan.overrides == ("train.steps=30", "model.path=tiny-org/llama-4bit", "data.path=chat",
+                              "finetune.type=lora", "finetune.layers=-1")
+    cfg = plan.config
+    assert (cfg.model.path, cfg.data.path, cfg.finetune.type, cfg.train.steps) == ("tiny-org/llama-4bit", "chat",
+                                                                                  "lora", 30)
+    rows = dict(plan_rows(plan, tmp_path))
+    assert rows["model"].startswith("tiny-org/llama-4bit (mlx-lm llama, ") and "4-bit, group 32): LoRA (rank 8) " \
+        "on the last 2 layers" in rows["model"]
+    # DDP over 2 ranks sends 2(n-1)/n = 1x the adapters' float32 gradients per step: the adapters' bytes.
+    per_sync = format_bytes(choice.sync_bytes)
+    assert choice.sync_bytes == 4 * choice.estimate.trainable
+    assert rows["traffic"].startswith(f"the adapters travel: {format_count(choice.estimate.trainable)} values, "
+                                      f"{per_sync} per sync; each rank sends {per_sync} of gradients per step")
+    assert rows["data"].startswith("chat (train.jsonl") and "runs/lora-chat/adapters" in rows["checkpoints"]
+    assert rows["command"] == "macrun train --hosts hosts.json --push-model runs/lora-chat.yaml"
+    text = run_config_text(plan, tmp_path)
+    assert "from " + str(REPO / "configs" / "lora-chat.yaml") + " --set train.steps=30 --set " \
+           "model.path=tiny-org/llama-4bit --set data.path=chat --set finetune.type=lora" in text.splitlines()[0]
