@@ -197,16 +197,20 @@ def fresh_state_dir(path: Path) -> Path:
     return path
 
 
-def ensure_host_python() -> str:
-    """The hosts' interpreter: a venv with only MLX (same version as here), numpy, pyyaml and safetensors.
+def ensure_host_python(*, with_mlx_lm: bool = False) -> str:
+    """The hosts' interpreter: a venv with only MLX (same version as here), numpy, pyyaml and safetensors;
+    with `with_mlx_lm`, another one that also has mlx-lm (this machine's version), as a Mac that fine-tunes.
 
     macrun itself must not be importable there (it ships its own package to the hosts). Built once under
-    MACRUN_LAB_CACHE (default /var/cache/macrun-lab) with pip and reused; MACRUN_LAB_HOST_PYTHON overrides.
+    MACRUN_LAB_CACHE (default /var/cache/macrun-lab) with pip and reused; MACRUN_LAB_HOST_PYTHON overrides
+    the plain one.
     """
-    if override := os.environ.get("MACRUN_LAB_HOST_PYTHON"):
+    if (override := os.environ.get("MACRUN_LAB_HOST_PYTHON")) and not with_mlx_lm:
         return override
     mlx_version = metadata.version("mlx")
-    venv = HOSTPY_CACHE / f"hostpy-mlx{mlx_version}-py{sys.version_info.major}{sys.version_info.minor}"
+    extra = (f"mlx-lm=={metadata.version('mlx-lm')}",) if with_mlx_lm else ()
+    tag = f"-mlxlm{metadata.version('mlx-lm')}" if with_mlx_lm else ""
+    venv = HOSTPY_CACHE / f"hostpy-mlx{mlx_version}{tag}-py{sys.version_info.major}{sys.version_info.minor}"
     python = venv / "bin" / "python"
     done = venv / ".complete"
     if done.exists():
@@ -221,7 +225,7 @@ def ensure_host_python() -> str:
         steps = [[base, "-m", "venv", str(venv)],
                  [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                   f"mlx[cpu]=={mlx_version}" if sys.platform == "linux" else f"mlx=={mlx_version}",
-                  *HOST_PACKAGES]]
+                  *HOST_PACKAGES, *extra]]
         for argv in steps:
             out = subprocess.run(argv, capture_output=True, text=True)
             if out.returncode != 0:
