@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,7 +144,9 @@ def _documents(kind: str, files: list[Path], max_bytes: int) -> Iterator[bytes |
             yield data if _is_text(data) else None
 
 
-def _jsonl_documents(path: Path) -> Iterator[bytes]:
+def jsonl_records(path: Path, hint: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file; DataError naming the line (with
+    `hint`) for one that is not JSON, or when the file cannot be read."""
     try:
         f = open(path, "rb")
     except OSError as exc:
@@ -153,15 +156,18 @@ def _jsonl_documents(path: Path) -> Iterator[bytes]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise DataError(f"{path}: line {number} is not valid JSON",
-                                hint="each line must be one JSON object with a 'text' field") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DataError(f"{path}: line {number} has no 'text' field with a string value",
-                                hint='each line must look like {"text": "..."}')
-            yield text.encode("utf-8").replace(SEPARATOR, b"")
+                raise DataError(f"{path}: line {number} is not valid JSON", hint=hint) from None
+
+
+def _jsonl_documents(path: Path) -> Iterator[bytes]:
+    for number, record in jsonl_records(path, "each line must be one JSON object with a 'text' field"):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}: line {number} has no 'text' field with a string value",
+                            hint='each line must look like {"text": "..."}')
+        yield text.encode("utf-8").replace(SEPARATOR, b"")
 
 
 def _read_source(kind: str, files: list[Path], max_bytes: int) -> tuple[list[bytes], int]:

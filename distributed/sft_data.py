@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from distributed.config import Config
-from distributed.data import _read_info, _write_atomic
+from distributed.data import _read_info, _write_atomic, jsonl_records
 from distributed.errors import DataError
 from distributed.shards import ShardedStream
 
@@ -65,22 +65,11 @@ class PreparedExamples:
 
 def _records(path: Path) -> list[dict[str, Any]]:
     out = []
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    with f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise DataError(f"{path}: line {number} is not valid JSON", hint=_HINT) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: line {number} is not a JSON object", hint=_HINT)
-            record["_line"] = number
-            out.append(record)
+    for number, record in jsonl_records(path, _HINT):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number} is not a JSON object", hint=_HINT)
+        record["_line"] = number
+        out.append(record)
     return out
 
 
