@@ -199,7 +199,10 @@ def test_macrun_train_two_local_ranks_picks_ddp_on_a_local_link(tmp_path: Path, 
     cfg = {**TINY, "run": {"name": "ddp", "output_dir": str(tmp_path / "runs")}}
     config.write_text(yaml.safe_dump(cfg))
     lines: list[str] = []
-    _cfg, spec = plan_training(config, ["strategy.mode=auto"], nproc=2, emit=lines.append)
+    # A step of ~40 ms (batch 16 x 64), not TINY's ~3 ms: on a loaded machine the loopback allreduce's
+    # measured latency (over 1 ms) would otherwise exceed a quarter of the step, and DiLoCo would be right.
+    _cfg, spec = plan_training(config, ["strategy.mode=auto", "train.batch_size=16", "data.seq_len=64"], nproc=2,
+                               emit=lines.append)
     result = launch(replace(spec, heartbeat_timeout=120), emit=lines.append)
     text = "\n".join(lines)
     assert result.exit_code == 0, text
@@ -207,6 +210,6 @@ def test_macrun_train_two_local_ranks_picks_ddp_on_a_local_link(tmp_path: Path, 
     assert re.search(r"strategy ddp: auto: allreduce \S+ \S+ vs step \S+ \S+ over local → DDP", text), text
     # ...and, with the step it timed, agreed on the ranks' batch shares (strategy.balance=auto, the default):
     # equal, both ranks being on this host.
-    assert re.search(r"balance: equal shares of 2 per rank, every rank is on one host \((\S+), \1 samples/s\)",
+    assert re.search(r"balance: equal shares of 16 per rank, every rank is on one host \((\S+), \1 samples/s\)",
                      text), text
     assert f"done: step {STEPS}" in text

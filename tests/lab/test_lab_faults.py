@@ -68,8 +68,10 @@ def no_job_processes_left(lab: Lab, hosts: list[LabHost] | None = None) -> None:
 
 def test_thunderbolt_cable_pulled_mid_ddp_moves_the_ring_to_the_network_and_finishes(lab: Lab, tmp_path: Path) -> None:
     h1 = lab.hosts[1]
+    # Batch 64: a step long enough (~60 ms) that auto mode picks DDP over the cables even when load inflates
+    # the measured latency (test_lab_train.py says why).
     run = start_train(lab, tmp_path, "cable", "train.checkpoint_interval=25", "fault.progress_timeout=5",
-                      steps=250)
+                      "train.batch_size=64", steps=250)
     try:
         run.wait_for(r"strategy ddp: auto: .* over thunderbolt", timeout=90)
         # The fault comes once the step-50 checkpoint exists (the log line for step 50 can come before it).
