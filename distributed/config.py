@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from distributed.config_file import LongNumber, load_yaml, read_config_file, show
 from distributed.errors import ConfigError
 
 
@@ -185,52 +186,12 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
 
-# A config is a few hundred bytes; anything this big is the wrong file (a dataset, /dev/zero), not a config.
-MAX_CONFIG_BYTES = 1 << 20
 # Folder names may be 255 bytes; the run's name also carries suffixes ("-2", ".hosts.json") and sits in
 # remote paths, so it stays well below that.
 MAX_RUN_NAME_CHARS = 100
 MAX_RUN_NAME_BYTES = 200
 # The largest integer a config key takes: what fits a signed 64-bit integer (seeds, steps, sizes).
 MAX_INT = 2**63 - 1
-_YAML_HINT = "a config has sections and keys, e.g. configs/quickstart.yaml; check the indentation and quoting"
-
-
-class _LongNumber:
-    """A YAML integer with more digits than Python turns into an int (its limit is 4,300): kept as its
-    length, so the key it belongs to can be named in the error instead of a ValueError from deep in YAML."""
-
-    def __init__(self, digits: int) -> None:
-        self.digits = digits
-
-    def __repr__(self) -> str:
-        return f"a {self.digits:,}-digit number"
-
-
-class _Loader(yaml.SafeLoader):
-    """safe_load, except that an over-long integer becomes a _LongNumber rather than a ValueError."""
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:  # type: ignore[override]
-        try:
-            return super().construct_yaml_int(node)
-        except ValueError:
-            return _LongNumber(sum(c.isdigit() for c in str(node.value)))
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """`value` as it appears in an error: its repr, cut short; never raises (a nested or huge value can)."""
-    try:
-        text = repr(value)
-    except (ValueError, RecursionError):  # an int past Python's 4,300-digit limit, or deep nesting
-        text = "(too large to print)"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _suggest(key: str, valid: list[str], prefix: str) -> str:
@@ -255,9 +216,9 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         if type(None) in allowed:
             return None
         raise ConfigError(f"{path}: a value is required")
-    if isinstance(value, _LongNumber) or (isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, LongNumber) or (isinstance(value, int) and not isinstance(value, bool)
                                           and abs(value) > MAX_INT):
-        size = repr(value) if isinstance(value, _LongNumber) else f"a {value.bit_length():,}-bit number"
+        size = repr(value) if isinstance(value, LongNumber) else f"a {value.bit_length():,}-bit number"
         raise ConfigError(f"{path}: {size} is too large", hint=f"numbers here are at most {MAX_INT:,}")
     for kind in allowed:
         if kind is bool:
@@ -280,13 +241,13 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             if isinstance(value, str):
                 return value
     names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
-    raise ConfigError(f"{path}: expected {names}, got {type(value).__name__} {_show(value)}")
+    raise ConfigError(f"{path}: expected {names}, got {type(value).__name__} {show(value)}")
 
 
 def _check(path: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{path}: {_show(value)} is not one of {', '.join(map(str, choices))}")
+        raise ConfigError(f"{path}: {show(value)} is not one of {', '.join(map(str, choices))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{path}: must be a finite number, got {value!r}")
@@ -305,7 +266,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        name = key if isinstance(key, str) else _show(key)
+        name = key if isinstance(key, str) else show(key)
         where = f"{path}.{name}" if path else name
         if key not in fields:
             prefix = f"{path}." if path else ""
@@ -349,7 +310,7 @@ def validate_run_name(name: str, *, what: str = "run.name") -> str:
     """
     hint = "use letters, digits, '-', '_' and '.', e.g. quickstart-2"
     if not isinstance(name, str):
-        raise ConfigError(f"{what}: expected a name, got {type(name).__name__} {_show(name)}", hint=hint)
+        raise ConfigError(f"{what}: expected a name, got {type(name).__name__} {show(name)}", hint=hint)
     problem = None
     if not name.strip():
         problem = "is empty"
@@ -370,22 +331,22 @@ def validate_run_name(name: str, *, what: str = "run.name") -> str:
         problem = f"takes {len(name.encode('utf-8'))} bytes as UTF-8; the most is {MAX_RUN_NAME_BYTES}"
         hint = "choose a shorter name"
     if problem:
-        raise ConfigError(f"{what}: {_show(name, 40)} {problem}", hint=hint)
+        raise ConfigError(f"{what}: {show(name, 40)} {problem}", hint=hint)
     return name
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `train.steps=200` into (['train', 'steps'], 200); the value is read as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {_show(text)} is not of the form section.key=value",
+        raise ConfigError(f"override {show(text)} is not of the form section.key=value",
                           hint="for example: --set train.steps=200")
     key, _, raw = text.partition("=")
     parts = [p for p in key.strip().split(".")]
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override {_show(text)}: the key must be section.key, e.g. train.steps",
+        raise ConfigError(f"override {show(text)}: the key must be section.key, e.g. train.steps",
                           hint="for example: --set train.steps=200")
     try:
-        value = _load_yaml(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     except RecursionError:
@@ -411,39 +372,7 @@ def config_from_dict(data: dict[str, Any], overrides: typing.Sequence[str] = ())
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
-    data: Any = {}
-    if path is not None:
-        p = Path(path)
-        examples = "pass one of the files in configs/, e.g. configs/quickstart.yaml"
-        try:
-            with p.open("rb") as f:
-                raw = f.read(MAX_CONFIG_BYTES + 1)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} not found", hint=examples) from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}", hint=examples) from None
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{p}: over {MAX_CONFIG_BYTES >> 20} MiB, too big to be a config",
-                              hint=f"is it the right file? {examples}")
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{p}: not a text file (byte {raw[exc.start]:#04x} at offset {exc.start} is not "
-                              f"UTF-8)", hint=f"is it the right file? {examples}") from None
-        try:
-            data = _load_yaml(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            if isinstance(exc, yaml.reader.ReaderError):
-                where = f" (character U+{exc.character:04X} at offset {exc.position})" if isinstance(
-                    exc.character, int) else f" (character {exc.character!r} at offset {exc.position})"
-            raise ConfigError(f"{p}: not valid YAML{where}", hint=_YAML_HINT) from None
-        except RecursionError:
-            raise ConfigError(f"{p}: nested too deeply to be a config", hint=_YAML_HINT) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections "
-                              f"(run, model, data, finetune, train, strategy, fault)")
+    data: Any = read_config_file(Path(path)) if path is not None else {}
     try:
         return config_from_dict(data, overrides)
     except ConfigError as exc:

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from distributed.config_file import parse_int
 from distributed.errors import HostsError
 from launcher.hostspec import HostSpec
 
@@ -48,24 +49,6 @@ def _pairs(pairs: list[tuple[str, Any]]) -> _Object:
             obj.repeated.append(key)
         obj[key] = value
     return obj
-
-
-class _LongNumber:
-    """A JSON integer with more digits than Python turns into an int (its limit is 4,300): kept as its
-    length, so the field it belongs to can be named in the error instead of a ValueError from json."""
-
-    def __init__(self, digits: int) -> None:
-        self.digits = digits
-
-    def __repr__(self) -> str:
-        return f"a {self.digits:,}-digit number"
-
-
-def _parse_int(text: str) -> int | _LongNumber:
-    try:
-        return int(text)
-    except ValueError:
-        return _LongNumber(sum(c.isdigit() for c in text))
 
 
 def _got(value: Any) -> str:
@@ -360,7 +343,7 @@ def _read_json(path: Path) -> Any:
     if not text.strip():
         _fail(source, "is empty", 'it needs at least {"hosts": [{"host": "..."}]}; ' + _EXAMPLE_HINT)
     try:
-        return json.loads(text, object_pairs_hook=_pairs, parse_int=_parse_int)
+        return json.loads(text, object_pairs_hook=_pairs, parse_int=parse_int)
     except RecursionError:
         _fail(source, "is nested too deeply to be a hosts file (lists or objects inside each other over and "
               "over)", 'a hosts file is {"hosts": [{"host": ...}, ...]}, two levels deep; ' + _EXAMPLE_HINT)
