@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from distributed.errors import HostError
 from distributed.models.mlxlm_memory import MemoryEstimate
+from launcher.jsoncache import cache_file, read_cache, write_cache
 from launcher.shell import shell_path, shell_quote
 from launcher.ssh import SSHConnection
 from launcher.sync import file_digest
@@ -122,28 +122,7 @@ class HostModel:
 
 
 def _cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "macrun" / "model-hashes.json"
-
-
-def _read_cache() -> dict[str, list]:
-    try:
-        data = json.loads(_cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_cache(data: dict[str, list]) -> None:
-    path = _cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model-hashes-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({k: v for k, v in data.items() if os.path.exists(k)}, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a cache is optional
+    return cache_file("model-hashes.json")
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -156,7 +135,7 @@ def model_files(folder: Path) -> list[Path]:
 
 def local_manifest(folder: Path, emit: Callable[[str], None] = lambda _line: None) -> Manifest:
     """The manifest of this machine's model folder; digests come from the cache where size and mtime match."""
-    cache, fresh = _read_cache(), []
+    cache, fresh = read_cache(_cache_path()), []
     files: list[ModelFile] = []
     stats = [(p, os.path.realpath(p), p.stat()) for p in model_files(folder)]
     todo = [(p, real, st) for p, real, st in stats if (cache.get(real) or [None])[:2] != [st.st_size, st.st_mtime_ns]]
@@ -170,7 +149,7 @@ def local_manifest(folder: Path, emit: Callable[[str], None] = lambda _line: Non
             fresh.append(real)
         files.append(ModelFile(path.name, st.st_size, str(entry[2])))
     if fresh:
-        _write_cache(cache)
+        write_cache(_cache_path(), {k: v for k, v in cache.items() if os.path.exists(k)})
     return Manifest(tuple(files))
 
 

@@ -11,20 +11,18 @@ is probed on every launch. The cache is one JSON file; a damaged one is ignored 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from launcher.jsoncache import cache_file, read_cache, write_cache
+
 _LOCK = threading.Lock()
 
 
 def cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "macrun" / "probe.json"
+    return cache_file("probe.json")
 
 
 def cache_key(host_label: str, python: str, probe_script: bytes) -> str:
@@ -32,17 +30,9 @@ def cache_key(host_label: str, python: str, probe_script: bytes) -> str:
     return f"{hashlib.sha256(probe_script).hexdigest()[:16]}|{host_label}|{python}"
 
 
-def _read() -> dict[str, Any]:
-    try:
-        data = json.loads(cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def lookup(key: str) -> tuple[str | None, dict[str, Any] | None]:
     """(fingerprint, cached MLX answer) for `key`, or (None, None)."""
-    entry = _read().get(key)
+    entry = read_cache(cache_path()).get(key)
     if not isinstance(entry, dict) or not isinstance(entry.get("mlx"), dict):
         return None, None
     fingerprint = entry.get("fingerprint")
@@ -54,15 +44,7 @@ def store(updates: Mapping[str, tuple[str, Mapping[str, Any]]]) -> None:
     if not updates:
         return
     with _LOCK:
-        data = _read()
+        data = read_cache(cache_path())
         for key, (fingerprint, mlx) in updates.items():
             data[key] = {"fingerprint": fingerprint, "mlx": dict(mlx)}
-        path = cache_path()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".probe-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, sort_keys=True)
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        write_cache(cache_path(), data)
