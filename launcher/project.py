@@ -14,8 +14,9 @@ A folder too large to be a project (a home folder, say) is refused rather than c
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -43,10 +44,7 @@ class Project:
     workdir: str  # where ranks start: relative to the job folder, or absolute with --no-sync
     skipped_large: list[str] = field(default_factory=list)  # relative paths over MAX_FILE_BYTES
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files.values())
+    total_bytes: int = 0  # of `files`
 
     def summary(self) -> str:
         """One line: what will be carried and what was left out."""
@@ -81,9 +79,13 @@ def plan_project(argv: Sequence[str], *, cwd: Path | None = None, extra: Sequenc
     files = {_remote(rel): root / rel for rel in listed}
     for path in extra:
         _add_extra(files, path.expanduser(), root, notes)
-    _check_size(files, root)
+    total = sum(p.stat().st_size for p in files.values())
+    if len(files) > MAX_FILES or total > MAX_TOTAL_BYTES:
+        raise UsageError(f"{_display(root)} holds {len(files):,} files ({_size(total)}): too much to copy to every "
+                         f"host as a project",
+                         hint="run from the project's own folder, or pass --no-sync when the hosts already have it")
     return Project(root=root, files=files, argv=_rewrite(argv, root, cwd), workdir=REMOTE_ROOT,
-                   skipped_large=skipped_large, notes=notes)
+                   skipped_large=skipped_large, notes=notes, total_bytes=total)
 
 
 def _script_of(argv: list[str], cwd: Path) -> tuple[Path | None, str | None]:
@@ -118,23 +120,41 @@ def _project_files(root: Path) -> tuple[list[str], list[str]]:
     listed = _git_files(root)
     if listed is None:
         listed = []
-        for here, dirs, names in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not _skipped_dir(Path(here) / d))
-            listed.extend(str((Path(here) / n).relative_to(root)) for n in sorted(names))
+        for file in _walk(root):
+            listed.append(str(file.relative_to(root)))
             if len(listed) > MAX_FILES:
                 break
+    skipped: dict[Path, bool] = {}  # folder -> _skipped_dir, each looked at once
+
+    def hidden(folder: Path) -> bool:
+        if folder == root:
+            return False
+        if folder not in skipped:
+            skipped[folder] = hidden(folder.parent) or _skipped_dir(folder)
+        return skipped[folder]
+
     keep, large = [], []
     for rel in listed:
         path = root / rel
-        parts = Path(rel).parts
-        if any(p in SKIPPED_DIRS for p in parts[:-1]) or parts[-1] in SKIPPED_FILES:
+        if path.name in SKIPPED_FILES or hidden(path.parent):
             continue
-        if any(_skipped_dir(root.joinpath(*parts[:i])) for i in range(1, len(parts))):
-            continue
-        if path.is_symlink() or not path.is_file():
+        try:
+            st = path.lstat()
+        except OSError:
+            continue  # deleted but still tracked: nothing to copy
+        if not stat.S_ISREG(st.st_mode):
             continue  # a link could point anywhere on this machine: not copied
-        (large if path.stat().st_size > MAX_FILE_BYTES else keep).append(rel)
+        (large if st.st_size > MAX_FILE_BYTES else keep).append(rel)
     return keep, large
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every file below `folder`, skipped folders left out (not opened at all)."""
+    for here, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not _skipped_dir(Path(here) / d))
+        for name in sorted(names):
+            if name not in SKIPPED_FILES:
+                yield Path(here) / name
 
 
 def _git_files(root: Path) -> list[str] | None:
@@ -146,8 +166,7 @@ def _git_files(root: Path) -> list[str] | None:
         return None
     if done.returncode != 0:
         return None
-    names = sorted({n for n in done.stdout.decode("utf-8", "surrogateescape").split("\0") if n})
-    return [n for n in names if (root / n).exists()]  # deleted but still tracked: nothing to copy
+    return sorted({n for n in done.stdout.decode("utf-8", "surrogateescape").split("\0") if n})
 
 
 def _skipped_dir(path: Path) -> bool:
@@ -170,20 +189,9 @@ def _add_extra(files: dict[str, Path], path: Path, root: Path, notes: list[str])
     if path.is_file():
         files[_remote(path.relative_to(base))] = path
         return
-    for here, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not _skipped_dir(Path(here) / d))
-        for name in names:
-            file = Path(here) / name
-            if file.is_file() and not file.is_symlink() and name not in SKIPPED_FILES:
-                files[_remote(file.relative_to(base))] = file
-
-
-def _check_size(files: dict[str, Path], root: Path) -> None:
-    total = sum(p.stat().st_size for p in files.values())
-    if len(files) > MAX_FILES or total > MAX_TOTAL_BYTES:
-        raise UsageError(f"{_display(root)} holds {len(files):,} files ({_size(total)}): too much to copy to every "
-                         f"host as a project",
-                         hint="run from the project's own folder, or pass --no-sync when the hosts already have it")
+    for file in _walk(path):
+        if stat.S_ISREG(file.lstat().st_mode):  # not a link
+            files[_remote(file.relative_to(base))] = file
 
 
 def _rewrite(argv: list[str], root: Path, cwd: Path) -> list[str]:
