@@ -20,7 +20,6 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -30,6 +29,7 @@ from rich.table import Table
 from distributed.config import load_config
 from distributed.errors import ConfigError, HostError, HostsError, MacrunError
 from launcher.api import SOURCE_ROOT
+from launcher.asker import Asker
 from launcher.discovery import (
     SOURCE_BOTH,
     SOURCE_FILE,
@@ -40,19 +40,15 @@ from launcher.discovery import (
     merge_hosts,
     template_from_file,
 )
-from launcher.fit import fit_shortfall
 from launcher.hostcheck import CheckState, HostCheck, check_machines, judge, render_checks
 from launcher.hosts import HostSpec, load_hosts, save_hosts
-from launcher.localmodels import data_folder_problem, find_local_models, hf_hub_cache
 from launcher.plan import (
     FINETUNE_CONFIG,
-    FINETUNE_KINDS,
     Machine,
     ModelChoice,
     WizardPlan,
     default_model,
     find_config_dir,
-    finetune_choice,
     fit_problem,
     format_bytes,
     format_count,
@@ -63,11 +59,11 @@ from launcher.plan import (
     plan_links,
     plan_rows,
     run_config_text,
-    set_override,
     write_atomic,
 )
 from launcher.preflight import HostFacts, raise_for_problems
-from launcher.wizard_view import candidate_title, candidates_table, finetune_title, model_title, shown_path
+from launcher.wizard_finetune import choose_finetune, local_models, too_big
+from launcher.wizard_view import candidate_title, candidates_table, model_title, shown_path
 
 EXIT_CANCELLED = 130
 ADD = "\0add"  # the checkbox value of "add a machine by address"
@@ -95,48 +91,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="show the plan, write nothing, launch nothing")
     p.add_argument("--yes", "-y", action="store_true", help="answer every question with its default")
     return p.parse_args(argv)
-
-
-class Asker:
-    """The questions, asked with questionary, or answered with their defaults under --yes."""
-
-    def __init__(self, console: Console, assume_yes: bool) -> None:
-        self.console = console
-        self.assume_yes = assume_yes
-
-    def _ask(self, question: Any, message: str, answer: Any) -> Any:
-        if self.assume_yes:
-            shown = ", ".join(map(str, answer)) if isinstance(answer, list) else answer
-            self.console.print(f"[bold]?[/] {escape(message)} [cyan]{escape(str(shown))}[/] (--yes)")
-            return answer
-        if not sys.stdin.isatty():
-            raise ConfigError(f"cannot ask \"{message}\": no terminal",
-                              hint="run it in a terminal, or pass --yes (with --select and --model) to skip questions")
-        return question().unsafe_ask()  # unsafe: Ctrl-C raises KeyboardInterrupt instead of returning None
-
-    def checkbox(self, message: str, choices: list[Any], ticked: list[str]) -> list[str]:
-        import questionary
-
-        return list(self._ask(lambda: questionary.checkbox(
-            message, choices=choices, instruction="(space: tick/untick, enter: go on)",
-            validate=lambda picked: bool(picked) or "tick at least one machine"), message, ticked))
-
-    def select(self, message: str, choices: list[Any], default: Any) -> Any:
-        import questionary
-
-        return self._ask(lambda: questionary.select(message, choices=choices, default=default), message,
-                         default.value if hasattr(default, "value") else default)
-
-    def confirm(self, message: str, default: bool, yes_answer: bool | None = None) -> bool:
-        import questionary
-
-        answer = default if yes_answer is None else yes_answer
-        return bool(self._ask(lambda: questionary.confirm(message, default=default), message, answer))
-
-    def text(self, message: str, default: str = "") -> str:
-        import questionary
-
-        return str(self._ask(lambda: questionary.text(message, default=default), message, default)).strip()
 
 
 class Wizard:
@@ -320,7 +274,7 @@ class Wizard:
         if smallest is not None:
             self.out.print(f"models in {where} (the smallest Mac, {smallest.name}, has "
                            f"{format_bytes(smallest.memory_bytes)}):")
-        local = self._local_models(config_dir)
+        local = local_models(self.out, self.cwd, config_dir, self.args.overrides)
         if local:  # the mlx-lm configs are templates for these models: the models found take their place
             choices = [c for c in choices if c.config is None or c.config.model.source == "builtin"]
         fits = {c.name: fit_problem(c.memory_per_rank, machines) for c in choices}
@@ -333,68 +287,19 @@ class Wizard:
             items.append(questionary.Separator(f"── mlx-lm models on this Mac, fine-tuned with {FINETUNE_CONFIG} "
                                                "(sizes for its LoRA) ──"))
             items += [questionary.Choice(model_title(c, None, width), value=c.name,
-                                         disabled=c.error or self._too_big(c, machines)) for c in local]
+                                         disabled=c.error or too_big(c, machines)) for c in local]
         while True:
             default_item = next(i for i in items if i.value == default.name)
             name = self.ask.select("Which model?", items, default_item)
             found = next((c for c in local if c.name == name), None)
             if found is not None:
-                return self._choose_finetune(found, machines), None
+                return choose_finetune(self.ask, self.out, self.cwd, self.args.overrides, found, machines), None
             choice = next(c for c in choices if c.name == name)
             if not fits[name]:
                 return choice, None
             self.out.print(f"[yellow]warning:[/] {escape(name)} {escape(fits[name] or '')}")
             if self.ask.confirm(f"Use {name} anyway?", default=False, yes_answer=True):
                 return choice, fits[name]
-
-    def _local_models(self, config_dir: Path) -> list[ModelChoice]:
-        """The mlx-lm models in the Hugging Face cache and ./models, sized for a LoRA with FINETUNE_CONFIG."""
-        template = config_dir / FINETUNE_CONFIG
-        template = template if template.is_file() else SOURCE_ROOT / "configs" / FINETUNE_CONFIG
-        hub = hf_hub_cache()
-        with self.out.status(f"Looking for mlx-lm models in {hub} and ./models…"):
-            local = [finetune_choice(m, template, self.args.overrides) for m in find_local_models(self.cwd)]
-        self.out.print(f"mlx-lm models: {len(local)} in {hub} and ./models" if local else
-                       f"mlx-lm models: none in {hub} or ./models (`hf download mlx-community/"
-                       "Llama-3.2-1B-Instruct-4bit`, or a model folder in ./models, adds one)")
-        return local
-
-    @staticmethod
-    def _too_big(c: ModelChoice, machines: list[Machine]) -> str | None:
-        """Why a fine-tune cannot be offered: the launch refuses one that does not fit (launcher/fit.py)."""
-        short = fit_shortfall(c.memory_per_rank, machines)
-        return f"too big: {short.describe()}" if short else None
-
-    def _choose_finetune(self, base: ModelChoice, machines: list[Machine]) -> ModelChoice:
-        """The data folder and what trains (lora, dora, full) for the mlx-lm model picked."""
-        import questionary
-
-        assert base.local is not None and base.config is not None
-        data = self._ask_data_folder(base.config.data.path)
-        kinds = {kind: finetune_choice(base.local, base.path, self.args.overrides,
-                                       (set_override("data.path", data), f"finetune.type={kind}"))
-                 for kind in FINETUNE_KINDS}
-
-        def why_not(kind: str, c: ModelChoice) -> str | None:
-            if kind == "full" and base.local and base.local.quantized:
-                return "its weights are quantised: full fine-tuning needs an unquantised model"
-            return c.error or self._too_big(c, machines)
-
-        items = [questionary.Choice(finetune_title(k, c), value=k, disabled=why_not(k, c)) for k, c in kinds.items()]
-        default = next((i for i in items if i.value == base.config.finetune.type and not i.disabled), items[0])
-        return kinds[self.ask.select(f"Fine-tune {base.name} how?", items, default)]
-
-    def _ask_data_folder(self, default: str) -> str:
-        while True:
-            text = self.ask.text("Data folder (holding train.jsonl, and valid.jsonl if you have one)", default)
-            problem = data_folder_problem(text, self.cwd)
-            if problem is None:
-                return text
-            self.out.print(f"[red]{escape(problem)}[/]")
-            if self.ask.assume_yes:
-                raise ConfigError(problem, hint="answer the question in a terminal, or use macrun train with "
-                                                "--set data.path=<folder>")
-            default = text  # typed again with the mistake in view
 
     def _model_by_flag(self, config_dir: Path, text: str) -> ModelChoice:
         path = Path(text)
