@@ -8,6 +8,7 @@ restart on the hosts that remain resumes from it.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import shutil
@@ -27,7 +28,8 @@ def fetch_tree(conn: SSHConnection, remote: str, local: Path, *, lock: threading
 
     Only plain files and folders are followed (a remote symlink is skipped, so a compromised host cannot
     make us read or write elsewhere), names must be plain (no '/', '.' or '..'), and a file already here
-    with the same size is not copied again (checkpoint files never change once written).
+    with the same size and modification time is not copied again (each copy takes the remote file's mtime),
+    so a file rewritten in place on the host (a fine-tune's adapters) is fetched afresh.
     """
     from distributed.checkpoint import TMP_PREFIX  # imports MLX: not on `macrun run`'s path to its ranks
 
@@ -40,12 +42,15 @@ def fetch_tree(conn: SSHConnection, remote: str, local: Path, *, lock: threading
             return 0
     mode = attrs.st_mode or 0
     if stat.S_ISREG(mode):
-        if local.is_file() and local.stat().st_size == attrs.st_size:
+        here = local.stat() if local.is_file() else None
+        if here is not None and (here.st_size, int(here.st_mtime)) == (attrs.st_size, attrs.st_mtime):
             return 0
         local.parent.mkdir(parents=True, exist_ok=True)
         partial = local.with_name(f".{local.name}.part")
         with guard:
             sftp.get(remote, str(partial))
+        if attrs.st_mtime is not None:
+            os.utime(partial, (attrs.st_mtime, attrs.st_mtime))
         partial.replace(local)
         return 1
     if not stat.S_ISDIR(mode):

@@ -71,8 +71,8 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
             # resumed from is the one this machine holds, so the restart's account and the ranks agree.
             extra = [f"--resume-at={latest.step if latest else 0}"] + extra[1:]
         argv = ["python", "-m", "distributed.worker", "config.yaml", "--data", "data", "--run-dir", "."]
-        # Rank 0 rewrites a fine-tune's exports (adapters/, model/) in place, and fetching skips a file of the
-        # size it already has here: clear this machine's copies, so the ones fetched after the run are fresh.
+        # A fine-tune's exports (adapters/, model/) here are this run's once fetched: an earlier run's, left in
+        # place, would pass for this one's if this run ends before it exports anything.
         for name in EXPORTS:
             shutil.rmtree(run_dir / name, ignore_errors=True)
     else:

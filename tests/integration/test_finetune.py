@@ -206,7 +206,7 @@ def test_a_hosts_launch_syncs_the_examples_and_fetches_fresh_exports(tmp_path: P
     _cfg, spec = plan_training(path, hosts=[HostSpec(name="a", hostname="a.local")], emit=lines.append)
     assert lines[0].startswith("data: 32 training examples") and "(chat, completion-only loss)" in lines[0]
     assert {"data/train.tokens.npy", "data/train.index.npy", "data/valid.tokens.npy", "config.yaml"} <= set(spec.files)
-    # Fetching skips a file whose size it already has: a stale export here would never be replaced.
+    # An earlier run's export left here would pass for this run's.
     assert {"adapters", "model"} <= set(spec.fetch) and not stale.exists()
 
 
