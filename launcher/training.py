@@ -54,7 +54,7 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
              f"from {prepared.source}")
     config_file = run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    extra = (["--resume"] if resume else []) + ([f"--stop-at={stop_at}"] if stop_at else [])
+    resume_args = ["--resume"] if resume else []
     if hosts:
         # On hosts, everything lives in the job folder the launcher syncs: relative paths.
         files = {"config.yaml": config_file, **{f"data/{p.name}": p for p in sorted(prepared.dir.iterdir())
@@ -69,7 +69,7 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
                 files.update({f"checkpoints/{latest.path.name}/{p.name}": p for p in sorted(latest.path.iterdir())})
             # A host may still hold a later checkpoint of an attempt whose copy never came back: the step
             # resumed from is the one this machine holds, so the restart's account and the ranks agree.
-            extra = [f"--resume-at={latest.step if latest else 0}"] + extra[1:]
+            resume_args = [f"--resume-at={latest.step if latest else 0}"]
         argv = ["python", "-m", "distributed.worker", "config.yaml", "--data", "data", "--run-dir", "."]
         # A fine-tune's exports (adapters/, model/) here are this run's once fetched: an earlier run's, left in
         # place, would pass for this one's if this run ends before it exports anything.
@@ -79,6 +79,7 @@ def plan_training(config_path: str | Path, overrides: Sequence[str] = (), *, hos
         files = {}
         argv = ["python", "-m", "distributed.worker", str(config_file), "--data", str(prepared.dir),
                 "--run-dir", str(run_dir)]
+    extra = resume_args + ([f"--stop-at={stop_at}"] if stop_at else [])
     spec = LaunchSpec(argv=argv + extra, run_dir=run_dir, name=cfg.run.name, hosts=hosts, nproc=nproc,
                       files=files, fetch=("checkpoints", "metrics.jsonl", *EXPORTS) if hosts else (),
                       backend=cfg.strategy.backend,
