@@ -113,6 +113,20 @@ class Strategy:
         """Extra arrays a checkpoint must hold to resume this strategy (called on rank 0 only)."""
         return {}
 
+    @property
+    def exchange_seconds(self) -> float:
+        """Wall time of the exchanges from start to finish; more than `comm_seconds` (the time the loop waited)
+        only for a strategy that overlaps them with compute."""
+        return self.comm_seconds
+
+    def rank_state(self) -> dict[str, mx.array]:
+        """This rank's own arrays (flat names) that ranks other than 0 keep beside the checkpoint with their
+        optimizer state (own_optimizer_state strategies only); rank 0 puts its own in `state_groups`."""
+        return {}
+
+    def restore_rank_state(self, arrays: dict[str, mx.array]) -> None:
+        """Take back what `rank_state` saved; called after `setup` on a resume."""
+
     def restore(self, groups: dict[str, dict[str, mx.array]]) -> None:
         """Take back what `state_groups` saved; called before `setup`."""
 

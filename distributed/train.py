@@ -219,8 +219,10 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
         start_step, position, optimizer.state, sent = adopt_from_rank0(start_step, position, optimizer.state, group)
         strategy.bytes_sent += sent
         if strategy.own_optimizer_state and not is_main:
-            own = load_rank_state(run_dir, rank, start_step, optimizer.state)
+            extra = strategy.rank_state()
+            own = load_rank_state(run_dir, rank, start_step, {**optimizer.state, **extra})
             if own is not None:  # rank 0's state (just adopted) is the fallback
+                strategy.restore_rank_state({k: own.pop(k) for k in extra})
                 optimizer.state = own
 
     # Under DDP a step's loss is the mean over every rank's tokens (see sft_data.ExampleSampler).
@@ -275,7 +277,7 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
 
     def checkpoint(step: int, loss: float, val_loss: float | None, final: bool) -> Path | None:
         if strategy.own_optimizer_state and world_size > 1 and not is_main:
-            save_rank_state(run_dir, rank, step, optimizer.state)
+            save_rank_state(run_dir, rank, step, {**optimizer.state, **strategy.rank_state()})
         if not is_main:
             return None
         # Only what trains: a fine-tune's checkpoint holds its adapters, not the frozen base model.
@@ -328,7 +330,7 @@ def train(cfg: Config, *, data_dir: Path, run_dir: Path, rank: int = 0, world_si
             tps = window_tokens / max(now - window_start, 1e-9)
             row = {"step": done, "loss": loss_sum / loss_n, "lr": float(lr_at(step, t)),
                    "tokens_per_s": tps, "bytes_sent": strategy.bytes_sent, "comm_seconds": strategy.comm_seconds,
-                   "time": now - started}
+                   "exchange_seconds": strategy.exchange_seconds, "time": now - started}
             evaluated = None
             if is_eval:
                 evaluated = val_loss = task.evaluate()
