@@ -11,8 +11,8 @@ arXiv:2311.08105, Algorithm 1. Per round t, with global parameters theta (identi
 The exchange is the only communication: one collective every H steps instead of one every step. The outer
 state (theta and the momentum buffer) is replicated: every rank applies the same update to the same
 numbers, so it needs no second broadcast. Each round boundary is also where the ranks agree to stop
-(a 4-byte vote), so a graceful stop always lands on a synced state. Wire formats (float32, bf16/fp16, int8,
-int4, int2) are in `distributed.compress`.
+(a 4-byte vote), so a graceful stop always lands on a synced state. Wire formats (float32, bf16/fp16, block int8) are in
+`distributed.compress`.
 
 Checkpoints hold the outer state and the round counter (group "diloco"); a resumed run restarts the
 current round from theta. Each rank keeps its own inner AdamW state beside the checkpoint (see
@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from distributed.compress import EXCHANGE_DTYPES, ExchangeState, exchange, ring_bytes, ring_sum_bytes
+from distributed.compress import EXCHANGE_DTYPES, ring_bytes, sum_valid, wire_bytes
 from distributed.config import StrategyConfig
 from distributed.errors import CheckpointError, TrainingError
 from distributed.progress import PROGRESS
@@ -75,7 +75,6 @@ class DiLoCoStrategy(Strategy):
         self.momentum: mx.array | None = None  # the outer momentum buffer, flat float32
         self._layout: list[tuple[str, tuple[int, ...], mx.Dtype]] = []
         self._restored: dict[str, mx.array] | None = None
-        self.exchange_state = ExchangeState()  # this rank's rounding keys and int2 residual (distributed.compress)
 
     @classmethod
     def from_config(cls, group: mx.distributed.Group | None, cfg: StrategyConfig, *,
@@ -129,20 +128,12 @@ class DiLoCoStrategy(Strategy):
         self.bytes_sent += broadcast_parameters(model, self.group)
         self.params = self._flatten(model)
         self.momentum = mx.zeros_like(self.params) if momentum is None else momentum
-        self.exchange_state.rank = rank
         if self.group is not None and world_size > 1:
-            # Only rank 0 reads the checkpoint, and its momentum is the one that counts. One float says whether
-            # it restored one; only then is it sent (float32, the others adding zeros: exact). A fresh start
-            # sends no zeros around (that was 2(n-1)/n x 4P bytes).
-            restored = mx.distributed.all_sum(mx.array([1.0 if rank == 0 and momentum is not None else 0.0]),
-                                              group=self.group)
-            self.bytes_sent += ring_sum_bytes(1, 4, world_size, rank)
-            if restored.item() > 0:
-                self.momentum = mx.distributed.all_sum(self.momentum if rank == 0 else mx.zeros_like(self.momentum),
-                                                       group=self.group)
-                self.bytes_sent += ring_sum_bytes(self.momentum.size, 4, world_size, rank)
-            else:
-                self.momentum = mx.zeros_like(self.params)
+            # Rank 0's momentum is the one that counts. Sent even when it is zeros, so that every rank
+            # takes part in the same collectives whether or not it found the checkpoint.
+            self.momentum = mx.distributed.all_sum(self.momentum if rank == 0 else mx.zeros_like(self.momentum),
+                                                   group=self.group)
+            self.bytes_sent += ring_bytes(self.params.nbytes, world_size)
         mx.eval(self.params, self.momentum)
 
     @property
@@ -176,12 +167,11 @@ class DiLoCoStrategy(Strategy):
         if not valid:
             self.log(f"rank {self.rank}: pseudo-gradient has NaN/Inf at round {round_no} (step {step}); "
                      "contributing nothing this round")
+        total, count = sum_valid(delta, valid, self.group, self.exchange_dtype)
         started = time.perf_counter()
-        sent = exchange(delta, valid, self.group, self.exchange_dtype, self.exchange_state)
-        total, count = sent.total, sent.count
-        mx.eval(total, count, *sent.arrays)
+        mx.eval(total, count)
         self.comm_seconds += time.perf_counter() - started
-        self.bytes_sent += sent.bytes_sent  # counted at each collective (distributed.compress_wire)
+        self.bytes_sent += wire_bytes(delta.size, self.world_size, self.exchange_dtype)
         self.valid_ranks = int(count.item())
         if self.valid_ranks == 0:
             raise TrainingError(f"every rank's pseudo-gradient has NaN/Inf at DiLoCo round {round_no} (step {step})",
