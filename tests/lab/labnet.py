@@ -73,6 +73,7 @@ class Lab:
     wifi_rate: str
     tb_rate: str
     sysctls: dict[str, str] = field(default_factory=dict)  # original values, restored by down()
+    neutral: bool = False  # thunderbolt veths up with no IPv4 (the addresses in `tb` are planned, not set)
     _sshds: list[SshdHandle] = field(default_factory=list, repr=False)
     _children: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
     _is_up: bool = field(default=True, repr=False)
@@ -90,8 +91,13 @@ class Lab:
         state_dir: Path | None = None,
         host_python: str | None = None,
         announce_mdns: bool = False,
+        neutral: bool = False,
     ) -> Lab:
-        """Bring up `n` hosts; raises LabUnavailable when this machine cannot host the lab."""
+        """Bring up `n` hosts; raises LabUnavailable when this machine cannot host the lab.
+
+        `neutral`: the thunderbolt veths come up without IPv4 addresses but with IPv6 link-local ones, like
+        cabled Macs before any set-up, for `macrun hosts setup-thunderbolt` to find and configure.
+        """
         labsetup.check_prerequisites()
         if not 1 <= n <= 40 or not re.fullmatch(r"[a-z][a-z0-9]{0,5}", prefix):
             raise ValueError("n must be 1..40 and prefix 1-6 lowercase letters/digits")
@@ -102,6 +108,7 @@ class Lab:
         with labsetup.machine_lock():  # concurrent labs must not pick the same subnet
             subnet = labsetup.pick_subnet(prefix)
             lab = cls._plan(prefix, n, subnet, state_dir, python, pairs, wifi_rate, tb_rate)
+            lab.neutral = neutral
             try:
                 lab.sysctls = labsetup.disable_bridge_netfilter()
                 lab.save()  # early, so a crash half-way is still cleaned up by cleanup_stale

@@ -89,7 +89,12 @@ def build_network(lab: Lab, pairs: Sequence[tuple[int, int]]) -> None:
     for h in hosts:
         lines = ["link set lo up", f"addr add {h.wifi_ip}/24 dev wifi0", "link set wifi0 up"]
         for iface, ip in h.tb.items():
-            lines += [f"addr add {ip}/30 dev {iface}", f"link set {iface} up"]
+            lines += [] if lab.neutral else [f"addr add {ip}/30 dev {iface}"]
+            lines += [f"link set {iface} up"]
+        if lab.neutral and h.tb:  # IPv6 link-local on the cables only (how a host finds its peer), no DAD wait
+            ipv6 = {f"/proc/sys/net/ipv6/conf/{i}/{key}": value for i in h.tb
+                    for key, value in (("accept_dad", "0"), ("disable_ipv6", "0"))}
+            run_in_netns(h.netns, lambda: _write_sysctls(ipv6))  # noqa: B023 - runs before the loop moves on
         run_ip(["-n", h.netns], lines)
     # One shaper for the whole segment: every frame entering the bridge from a host (veth ingress) and
     # every frame the master sends into it (bridge egress) passes once through the ifb.
