@@ -27,7 +27,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-hosts_app = typer.Typer(help="Check and trust the machines in a hosts file.", no_args_is_help=True)
+hosts_app = typer.Typer(help="Check and trust the machines in a hosts file; set up their Thunderbolt cables.",
+                        no_args_is_help=True)
 config_app = typer.Typer(help="Show configs and every config key.", no_args_is_help=True)
 app.add_typer(hosts_app, name="hosts")
 app.add_typer(config_app, name="config")
@@ -255,6 +256,48 @@ def hosts_trust(
                 raise typer.Exit(1)
         offer.trust()
         out.print(f"trusted {name}: {key} (added to {offer.target.known_hosts_files[0]})", markup=False)
+
+
+@hosts_app.command("setup-thunderbolt")
+def hosts_setup_thunderbolt(
+    hosts: Annotated[Path, typer.Option("--hosts", help="The hosts file; --apply writes the cable addresses "
+                                        "into it (fast_ips) with a record for --undo.")] = Path("hosts.json"),
+    apply: Annotated[bool, typer.Option("--apply", help="Make the changes over SSH (sudo asks for a password "
+                                        "once, unless the user is root or has passwordless sudo).")] = False,
+    undo: Annotated[bool, typer.Option("--undo", help="Remove exactly what --apply added and bring back the "
+                                       "Thunderbolt Bridge it took down.")] = False,
+    print_: Annotated[bool, typer.Option("--print", help="Print the commands to run by hand on each host; "
+                                         "change nothing.")] = False,
+    accept_new_host_keys: TrustOpt = False,
+) -> None:
+    """Give each Thunderbolt cable between the hosts its own /30, so the ring (and RDMA) runs over the cables.
+
+    Shows the cable map (which host's port leads to which) and the addresses; --apply sets them, --undo restores. Nothing survives a reboot: run --apply again after one.
+    """
+    with user_errors():
+        if apply and undo:
+            raise UsageError("--apply and --undo do opposite things", hint="pick one of them")
+        from launcher.ssh import connect_all
+        from launcher.tbsetup import setup_thunderbolt
+
+        specs = _load_hosts(hosts)
+        conns = connect_all(specs, accept_new_host_key=accept_new_host_keys)
+        try:
+            setup_thunderbolt(hosts, specs, conns, mode="undo" if undo else "apply" if apply else "show",
+                              print_only=print_, emit=_emit, ask_password=_ask_sudo_password)
+        finally:
+            for conn in conns:
+                conn.close()
+
+
+def _ask_sudo_password(hosts: list[str]) -> str:
+    """The sudo password, asked once on the terminal (never echoed, stored or logged)."""
+    if not sys.stdin.isatty():
+        raise UsageError(f"sudo on {', '.join(hosts)} needs a password, and stdin is not a terminal to ask it on",
+                         hint="run it in a terminal, or use --print and run the commands on each host yourself")
+    import getpass
+
+    return getpass.getpass(f"sudo password for {', '.join(hosts)} (asked once, used for this command only): ")
 
 
 @config_app.command("show")
