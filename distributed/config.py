@@ -116,7 +116,9 @@ class StrategyConfig:
                       "speeds, so a fast Mac does not wait for a slow one (equal shares when all are within 10%; "
                       "gradients are weighted by share, so training equals equal shares up to float rounding); "
                       "off keeps equal shares. DiLoCo does not balance.", choices=("auto", "off"))
-    inner_steps: int = _f(100, "DiLoCo: local AdamW steps between synchronisations (H).", min=1)
+    inner_steps: int = _f(0, "DiLoCo: local AdamW steps between synchronisations (H); 0 = auto: the smallest H "
+                          "in 10, 20, 50, 100, 200, 500 whose exchange, measured at start, stays under 10% of a "
+                          "round's compute (distributed/costmodel.py; 100 where nothing can be measured).", min=0)
     outer_lr: float = _f(0.7, "DiLoCo: outer learning rate.", gt=0.0, max=10.0)
     outer_momentum: float = _f(0.9, "DiLoCo: outer momentum.", min=0.0, max=0.999999)
     nesterov: bool = _f(True, "DiLoCo: use Nesterov momentum in the outer step.")

@@ -8,6 +8,7 @@ without it, the worker trains alone as rank 0 of 1. It joins the rendezvous (hea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distributed.config import Config, load_config
+from distributed.costmodel import AUTO_INNER_STEPS, UNMEASURED_INNER_STEPS
 from distributed.env import RankEnv
 from distributed.errors import MacrunError, report
 from distributed.progress import PROGRESS
@@ -73,11 +75,13 @@ def measure_step_seconds(cfg: Config, repeats: int = 3, task: Any = None, group:
 
 
 def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any, task: Any = None,
-                step_seconds: float | None = None) -> tuple[str, str]:
+                step_seconds: float | None = None, mode: str = "auto") -> tuple[str, str, int]:
     """Auto mode: measure the ring's links and a step (`step_seconds`: this rank's, when already timed), and let
-    the cost model choose; rank 0's word binds all."""
+    the cost model choose the strategy and, with strategy.inner_steps 0, DiLoCo's H (`mode="diloco"`: H alone);
+    rank 0's word binds all. Returns (mode, reason, H)."""
     import mlx.core as mx
 
+    from distributed.compress import wire_bytes
     from distributed.costmodel import choose_strategy as cost_choice
     from distributed.links import hostfile_address, measure_ring
     from distributed.models.gpt import build_model, count_params
@@ -91,13 +95,14 @@ def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any, task: Any = 
     # What travels is the gradient of what trains: for a LoRA fine-tune, the adapters alone.
     grads = task.trainable_bytes if task is not None else \
         count_params(build_model(cfg.model, cfg.data.seq_len, cfg.run.seed)) * 4  # float32 gradients
-    decision = cost_choice(step, grads, env.world_size, bandwidth, latency, "auto", cfg.strategy.inner_steps,
-                           link=env.link)
+    sync = wire_bytes(grads // 4, env.world_size, cfg.strategy.exchange_dtype)  # one DiLoCo exchange's bytes
+    decision = cost_choice(step, grads, env.world_size, bandwidth, latency, mode, cfg.strategy.inner_steps,
+                           link=env.link, sync_bytes=sync, overlap=cfg.strategy.overlap)
     # Every rank computed the same from the same numbers; still, take rank 0's choice so they cannot split.
-    vote = 1.0 if decision.mode == "diloco" and env.rank == 0 else 0.0
-    mode = "diloco" if mx.distributed.all_sum(mx.array(vote), group=group).item() > 0.5 else "ddp"
+    mine = [1.0 if decision.mode == "diloco" else 0.0, float(decision.inner_steps)]
+    vote, h = mx.distributed.all_sum(mx.array(mine if env.rank == 0 else [0.0, 0.0]), group=group).tolist()
     measured = f"slowest ring link {bandwidth * 8 / 1e9:.2f} Gbit/s, rtt {latency * 2e3:.2f} ms"
-    return mode, f"auto: {decision.reason} ({measured})"
+    return "diloco" if vote > 0.5 else "ddp", f"auto: {decision.reason} ({measured})", round(h)
 
 
 def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: Any = None) -> tuple[Strategy, str]:
@@ -112,7 +117,8 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
         if cfg.strategy.mode == "diloco":  # asked for explicitly: the outer step alone (useful to compare)
             from distributed.diloco import DiLoCoStrategy
 
-            return (DiLoCoStrategy.from_config(None, cfg.strategy, log=lambda m: print(m, flush=True)),
+            alone = dataclasses.replace(cfg.strategy, inner_steps=cfg.strategy.inner_steps or UNMEASURED_INNER_STEPS)
+            return (DiLoCoStrategy.from_config(None, alone, log=lambda m: print(m, flush=True)),
                     "strategy.mode=diloco with one rank: the outer step only")
         return LocalStrategy(), "one rank: nothing to exchange"
     import mlx.core as mx
@@ -121,17 +127,23 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
     mode = cfg.strategy.mode
     reason = f"strategy.mode={mode}"
     seconds = None  # this rank's timed step, shared by auto mode and balancing
-    if mode == "auto":
-        if client is not None and env.mlx_hostfile:
+    h = cfg.strategy.inner_steps or UNMEASURED_INNER_STEPS  # 0 = auto: chosen below when it can be measured
+    measurable = client is not None and bool(env.mlx_hostfile)
+    if mode == "auto" or (mode == "diloco" and cfg.strategy.inner_steps == AUTO_INNER_STEPS and measurable):
+        if measurable:
             seconds = measure_step_seconds(cfg, task=task, group=group)
-            mode, reason = decide_auto(cfg, env, group, client, task, step_seconds=seconds)
+            mode, reason, h = decide_auto(cfg, env, group, client, task, step_seconds=seconds, mode=mode)
+            reason = reason if cfg.strategy.mode == "auto" else reason.removeprefix("auto: ")
         else:  # started by hand without the launcher's rendezvous: the link's kind decides
             mode = "diloco" if env.link == "network" else "ddp"
             reason = f"auto: {env.link} link, not measured (no rendezvous) → {mode}"
     if mode == "diloco":
         from distributed.diloco import DiLoCoStrategy
 
-        return DiLoCoStrategy.from_config(group, cfg.strategy, log=lambda m: print(m, flush=True)), reason
+        if cfg.strategy.inner_steps == AUTO_INNER_STEPS and "H=" not in reason:
+            reason += f", H={h} (strategy.inner_steps 0 = auto, nothing measured)"
+        chosen = dataclasses.replace(cfg.strategy, inner_steps=h)
+        return DiLoCoStrategy.from_config(group, chosen, log=lambda m: print(m, flush=True)), reason
     strategy = DDPStrategy(group)
     if cfg.strategy.balance == "auto" and env.local_world_size == env.world_size and seconds is None:
         # Every rank on this host (the env contract says so): they share its processor, nothing to balance,

@@ -161,6 +161,12 @@ def describe_links(ring: RingPlan) -> str:
     return f"{ring.describe()} ({ring.reason})" if ring.link == "thunderbolt" else ring.describe()
 
 
+def every_h(cfg: Config) -> str:
+    """DiLoCo's H as the plan shows it: strategy.inner_steps, or for 0 (auto) the rule the ranks apply at start."""
+    h = cfg.strategy.inner_steps
+    return f"{h} steps" if h else "H steps (H chosen at start: the exchange under 10% of a round's compute)"
+
+
 def describe_strategy(cfg: Config, world_size: int, link: str) -> tuple[str, str]:
     """The strategy to expect and why. In auto mode the ranks decide at start from measured numbers
     (distributed.worker.decide_auto: link probe + timed step → distributed.costmodel); this is the likely outcome."""
@@ -171,10 +177,10 @@ def describe_strategy(cfg: Config, world_size: int, link: str) -> tuple[str, str
         measured = "decided when the ranks start, from the measured link speed and step time"
         if link == "network":
             return "diloco", (f"auto: {measured}; over the network DiLoCo is usual, ranks averaging their "
-                              f"progress every {cfg.strategy.inner_steps} steps")
+                              f"progress every {every_h(cfg)}")
         return "ddp", f"auto: {measured}; over {link} a per-step allreduce of the gradients is usual"
     if mode == "diloco":
-        return "diloco", f"strategy.mode=diloco: ranks average their progress every {cfg.strategy.inner_steps} steps"
+        return "diloco", f"strategy.mode=diloco: ranks average their progress every {every_h(cfg)}"
     return "ddp", "strategy.mode=ddp: gradients averaged every step"
 
 
@@ -253,6 +259,9 @@ def describe_traffic(cfg: Config, strategy: str, params: int, world_size: int, g
     steps, h = cfg.train.steps, cfg.strategy.inner_steps
     if strategy == "diloco":
         per_sync = wire_bytes(params, world_size, cfg.strategy.exchange_dtype)
+        if not h:  # auto: H, and so the number of rounds, is known once the ranks have measured
+            return (f"each rank sends {format_bytes(per_sync)} per DiLoCo round ({cfg.strategy.exchange_dtype}, "
+                    f"every {every_h(cfg)})")
         rounds = -(-steps // h)
         return (f"each rank sends {format_bytes(per_sync)} per DiLoCo round ({cfg.strategy.exchange_dtype}, every "
                 f"{h} steps): {format_bytes(per_sync * rounds)} over {rounds} rounds")
