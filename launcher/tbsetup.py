@@ -23,7 +23,7 @@ import json
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ def with_neighbours(conns: Sequence[SSHConnection], nets: dict[str, HostNet]) ->
         names = [i.name for i in net.thunderbolt if i.up]
         if not names:
             return net
-        table = "ndp -an" if net.os == "Darwin" else "ip -j -6 neigh show"
+        table = "/usr/sbin/ndp -an" if net.os == "Darwin" else "ip -j -6 neigh show"
         cmd = (f"{shlex.quote(conn.host.python)} - {shlex.join(names)} >/dev/null 2>&1 || echo probe failed >&2; "
                f"{table}")
         done = conn.run(cmd, timeout=30.0, stdin=NEIGHBOUR_PROBE.encode())
@@ -132,10 +132,18 @@ def with_neighbours(conns: Sequence[SSHConnection], nets: dict[str, HostNet]) ->
 
 
 def _needs_neighbours(nets: Mapping[str, HostNet], order: Sequence[str]) -> bool:
-    """Whether some Thunderbolt port that is up has no cable by Thunderbolt UIDs (so MACs must say)."""
+    """Whether some Thunderbolt port that is up has no cable by Thunderbolt UIDs, so MACs must say: on a host
+    without system_profiler's map (Linux, or a Mac where it failed) any such port; on a Mac with the map only
+    a port where it sees a Mac plugged in (an empty port needs no probe)."""
     cables, _ = find_cables(order, nets)
     cabled = {(e.host, e.iface) for c in cables for e in (c.a, c.b)}
-    return any(i.up and (name, i.name) not in cabled for name in order for i in nets[name].thunderbolt)
+    for name in order:
+        net = nets[name]
+        occupied = {p.iface for p in net.ports if p.peer_uid}
+        if any(i.up and (name, i.name) not in cabled and (not net.ports or i.name in occupied)
+               for i in net.thunderbolt):
+            return True
+    return False
 
 
 def sudo_wrap(commands: Sequence[str], net: HostNet, *, password: bool) -> str:
@@ -242,6 +250,7 @@ def setup_thunderbolt(path: Path, specs: Sequence[HostSpec], conns: Sequence[SSH
         emit(f"note: {REBOOT_NOTE}")
         return Outcome(0)
     failed: dict[str, str] = {}
+    in_place = plan
     if plan.changes:
         waiting = needs_password(nets, plan.actions)
         failed = run_actions(conns, nets, plan.actions, ask_password(waiting) if waiting else None)
@@ -249,6 +258,7 @@ def setup_thunderbolt(path: Path, specs: Sequence[HostSpec], conns: Sequence[SSH
         done = [c for c in plan.cables if _has(now, c.cable.a.host, c.cable.a.iface, c.a_ip)
                 and _has(now, c.cable.b.host, c.cable.b.iface, c.b_ip)]
         emit(f"done: {len(done)} of {len(plan.cables)} cables have their addresses")
+        in_place = replace(plan, cables=tuple(done))  # fast_ips name only addresses the hosts really have
     else:
         emit("nothing to change: every cable already has its address")
     # A host that failed half-way may have done part of its actions: record both what it had and what it
@@ -257,7 +267,7 @@ def setup_thunderbolt(path: Path, specs: Sequence[HostSpec], conns: Sequence[SSH
     for host in failed:
         record[host] = _union(previous.get(host, HostRecord()), plan.record.get(host, HostRecord()))
     assert doc is not None
-    after = updated_hosts_doc(doc, specs, previous, record, plan.fast_ips())
+    after = updated_hosts_doc(doc, specs, previous, record, in_place.fast_ips())
     if save_doc(path, doc, after):
         emit(f"{path}: fast_ips set to the cable addresses (the ring uses them); what changed is recorded "
              f"under \"{RECORD_KEY}\" for --undo")
