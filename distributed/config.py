@@ -118,7 +118,8 @@ class StrategyConfig:
                       "off keeps equal shares. DiLoCo does not balance.", choices=("auto", "off"))
     inner_steps: int = _f(0, "DiLoCo: local AdamW steps between synchronisations (H); 0 = auto: the smallest H "
                           "in 10, 20, 50, 100, 200, 500 whose exchange, measured at start, stays under 10% of a "
-                          "round's compute (distributed/costmodel.py; 100 where nothing can be measured).", min=0)
+                          "round's compute, at most train.steps/10 (distributed/costmodel.py; 100 where nothing can "
+                          "be measured).", min=0)
     outer_lr: float = _f(0.7, "DiLoCo: outer learning rate.", gt=0.0, max=10.0)
     outer_momentum: float = _f(0.9, "DiLoCo: outer momentum.", min=0.0, max=0.999999)
     nesterov: bool = _f(True, "DiLoCo: use Nesterov momentum in the outer step.")

@@ -17,7 +17,8 @@ Fig. 3; Charles et al. 2025, "Scaling Laws for DiLoCo", arXiv:2503.09799: the lo
 widens with H); at most 500, the DiLoCo paper's own setting: where even H=500 leaves more than 10% exposed,
 H=500 is taken and the reason says so (a compressed exchange or strategy.overlap is the remedy). Without
 overlap the whole exchange is exposed; with strategy.overlap it travels during the next round's H steps,
-and only what outlasts them is.
+and only what outlasts them is. A short run caps H so that it still has `MIN_ROUNDS` outer rounds (the papers
+run 50 and more; two rounds of 200 steps would barely train together), and the reason then says so.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ DDP_MAX_SHARE = 0.25  # allreduce time / step time at or below which DDP is chos
 EXPOSED_MAX_SHARE = 0.10  # DiLoCo, auto H: exposed exchange time / a round's compute time, at most
 INNER_STEPS_CHOICES = (10, 20, 50, 100, 200, 500)  # auto H: round numbers, the largest the DiLoCo paper's
 AUTO_INNER_STEPS = 0  # strategy.inner_steps meaning "the cost model chooses H"
+MIN_ROUNDS = 10  # auto H leaves a run of train.steps at least this many outer rounds (never below the smallest H)
 UNMEASURED_INNER_STEPS = 100  # auto H with nothing measured (one rank, or ranks started without the launcher)
 MODES = ("auto", "ddp", "diloco")
 
@@ -77,11 +79,15 @@ def inner_steps_needed(sync_seconds: float, step_seconds: float, *, overlap: boo
 
 
 def choose_inner_steps(sync_seconds: float, step_seconds: float, *, overlap: bool = False,
-                       max_share: float = EXPOSED_MAX_SHARE, choices: tuple[int, ...] = INNER_STEPS_CHOICES) -> int:
+                       max_share: float = EXPOSED_MAX_SHARE, choices: tuple[int, ...] = INNER_STEPS_CHOICES,
+                       steps: int | None = None) -> int:
     """Auto H: the smallest of `choices` that keeps exposed communication at most `max_share` of a round's
-    compute; the largest of them when none does (see the module docstring)."""
+    compute; the largest allowed when none does. Allowed: all of `choices`, or for a run of `steps` those
+    that leave it `MIN_ROUNDS` rounds (at least the smallest choice). See the module docstring."""
+    ordered = sorted(choices)
+    allowed = [h for h in ordered if steps is None or h * MIN_ROUNDS <= steps] or ordered[:1]
     needed = inner_steps_needed(sync_seconds, step_seconds, overlap=overlap, max_share=max_share)
-    return next((h for h in sorted(choices) if h >= needed), max(choices))
+    return next((h for h in allowed if h >= needed), allowed[-1])
 
 
 def format_seconds(seconds: float) -> str:
@@ -96,7 +102,8 @@ def format_seconds(seconds: float) -> str:
 
 def choose_strategy(step_seconds: float, model_bytes: int, world_size: int, link_bandwidth_bytes_s: float,
                     link_latency_s: float, mode: str = "auto", inner_steps: int = AUTO_INNER_STEPS, *,
-                    link: str = "the link", sync_bytes: float | None = None, overlap: bool = False) -> Decision:
+                    link: str = "the link", sync_bytes: float | None = None, overlap: bool = False,
+                    steps: int | None = None) -> Decision:
     """Pick "ddp" or "diloco" for `mode="auto"`, or explain the forced `mode`; and DiLoCo's H when
     `inner_steps` is 0 (auto); see the module docstring.
 
@@ -104,7 +111,7 @@ def choose_strategy(step_seconds: float, model_bytes: int, world_size: int, link
     gradients (= trainable parameters) exchanged per DDP step, `link` names the link in the reason.
     `sync_bytes` is what one rank sends per DiLoCo exchange in its wire format (distributed.compress.
     wire_bytes; default: a float32 ring allreduce of `model_bytes`), `overlap` whether strategy.overlap hides
-    the exchange behind the next round.
+    the exchange behind the next round, `steps` the run's length (auto H leaves it `MIN_ROUNDS` rounds).
     """
     if mode not in MODES:
         raise ConfigError(f"strategy.mode: {mode!r} is not one of {', '.join(MODES)}")
@@ -126,15 +133,17 @@ def choose_strategy(step_seconds: float, model_bytes: int, world_size: int, link
         return Decision("ddp", inner_steps or UNMEASURED_INNER_STEPS, comm, reason, comm, share)
     sync = comm if sync_bytes is None else \
         sync_bytes / link_bandwidth_bytes_s + 2 * (world_size - 1) * link_latency_s
-    h = inner_steps or choose_inner_steps(sync, step_seconds, overlap=overlap)
+    h = inner_steps or choose_inner_steps(sync, step_seconds, overlap=overlap, steps=steps)
     exposed = exposed_seconds(sync, h, step_seconds, overlap=overlap) / (h * step_seconds)
     head = f"{numbers} → DiLoCo" if mode == "auto" else f"strategy.mode=diloco ({numbers})"
     hidden = ", overlapped" if overlap else ""
     if inner_steps:
         reason = f"{head}, H={h}"
     else:
+        capped = steps is not None and h < max(INNER_STEPS_CHOICES) and exposed > EXPOSED_MAX_SHARE + 1e-9
         reason = (f"{head}, H={h} auto (exchange {format_seconds(sync)}{hidden}: {exposed:.0%} of a round's "
-                  f"compute exposed, at most {EXPOSED_MAX_SHARE:.0%})")
+                  f"compute exposed, at most {EXPOSED_MAX_SHARE:.0%}"
+                  + (f"; H capped so that {steps} steps make >= {MIN_ROUNDS} rounds)" if capped else ")"))
     if exposed > EXPOSED_MAX_SHARE + 1e-9:
         needed = inner_steps_needed(sync, step_seconds, overlap=overlap)
         reason += f"; communication still {exposed:.0%} of a round: consider strategy.inner_steps >= {needed}"

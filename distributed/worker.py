@@ -97,7 +97,7 @@ def decide_auto(cfg: Config, env: RankEnv, group: Any, client: Any, task: Any = 
         count_params(build_model(cfg.model, cfg.data.seq_len, cfg.run.seed)) * 4  # float32 gradients
     sync = wire_bytes(grads // 4, env.world_size, cfg.strategy.exchange_dtype)  # one DiLoCo exchange's bytes
     decision = cost_choice(step, grads, env.world_size, bandwidth, latency, mode, cfg.strategy.inner_steps,
-                           link=env.link, sync_bytes=sync, overlap=cfg.strategy.overlap)
+                           link=env.link, sync_bytes=sync, overlap=cfg.strategy.overlap, steps=cfg.train.steps)
     # Every rank computed the same from the same numbers; still, take rank 0's choice so they cannot split.
     mine = [1.0 if decision.mode == "diloco" else 0.0, float(decision.inner_steps)]
     vote, h = mx.distributed.all_sum(mx.array(mine if env.rank == 0 else [0.0, 0.0]), group=group).tolist()

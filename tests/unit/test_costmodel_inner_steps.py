@@ -111,3 +111,14 @@ def test_the_plan_shows_auto_h_without_dividing_by_it() -> None:
     assert "per DiLoCo round (float32, every H steps" in describe_traffic(cfg, "diloco", 1000, 3)
     explicit = config_from_dict({"strategy": {"mode": "diloco", "inner_steps": 10}, "train": {"steps": 100}})
     assert "over 10 rounds" in describe_traffic(explicit, "diloco", 1000, 3)
+
+
+def test_a_short_run_caps_h_so_it_keeps_ten_rounds() -> None:
+    # 1 s exchange, 0.01 s step: H=500 would be needed for 10% (the largest), but 400 steps allow H <= 40 -> 20.
+    assert choose_inner_steps(1.0, 0.01) == 500
+    assert choose_inner_steps(1.0, 0.01, steps=400) == 20
+    assert choose_inner_steps(1.0, 0.01, steps=50) == 10  # never below the smallest choice
+    assert choose_inner_steps(0.001, 0.01, steps=400) == 10  # the cap only lowers H
+    d = choose_strategy(0.01, 10 * MB, 2, WIFI, 0.0, steps=400)
+    assert d.inner_steps == 20 and "H capped so that 400 steps make >= 10 rounds" in d.reason
+    assert "consider strategy.inner_steps >= 400 " in d.reason  # 0.4 s / (10% of 0.01 s)
