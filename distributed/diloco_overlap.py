@@ -79,6 +79,7 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
         self._check_due: int | None = None  # a replica check asked while an exchange was in flight
         self._started_at, self._done_at = 0.0, 0.0
         self._waiter: threading.Thread | None = None
+        self._comm_error: RuntimeError | None = None
 
     @property
     def exchange_seconds(self) -> float:  # type: ignore[override]
@@ -194,6 +195,8 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
         def note_done() -> None:  # the end of the exchange, seen from its own thread (the GIL is released)
             try:
                 mx.synchronize(comm)
+            except RuntimeError as exc:  # a lost peer: kept for the boundary, which raises it on the main thread
+                self._comm_error = exc
             finally:
                 self._done_at = time.perf_counter()
 
@@ -207,6 +210,8 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
         mx.eval(*self._inflight)
         if self._waiter is not None:
             self._waiter.join()
+        if self._comm_error is not None:
+            raise self._comm_error
         waited = time.perf_counter() - started
         self.exposed_seconds += waited
         self.comm_seconds += waited
