@@ -6,8 +6,8 @@ as `[rank R host] line` and to `log_dir/rank-R.log`, and watches three things: e
 channels and (when given) rendezvous heartbeats. The first rank to fail is the root cause; every
 other rank is then asked to stop ("TERM": SIGTERM to its process group), and after `grace` seconds
 stopped hard (SIGKILL to the group, the shim ended). Ctrl-C does the same. Threads read output and
-wait for exits; they talk to the one monitor loop through a queue, so all state changes happen in
-one place.
+wait for exits (launcher/rankio.py: shims are started on all hosts at once); they talk to the one
+monitor loop through a queue, so all state changes happen in one place.
 
     result = run_ranks(local_rank_specs(argv, 2, env_for, cwd, sys.executable), log_dir=..., emit=print)
     sys.exit(result.exit_code)   # 0 all succeeded, 1 a rank failed or was lost, 130 Ctrl-C
@@ -21,13 +21,11 @@ import secrets
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TextIO
 
 from distributed.errors import ConfigError
+from launcher.rankio import Event, RankStreams, TrackedRank, start_shims
 from launcher.ranks import (
     LocalLauncher,
     RankHandle,
@@ -43,44 +41,11 @@ from launcher.watchdog import Watch, find_stuck
 __all__ = ["RankSpec", "RankState", "RankResult", "RunResult", "RankLauncher", "RankHandle", "LocalLauncher",
            "SSHLauncher", "Watch", "run_ranks", "render_failure_table", "local_rank_specs"]
 
-LAST_LINES = 20
 HARD_STOP_MARGIN_S = 1.0  # after grace, leave the shim a moment to SIGKILL (and report) on its own
 KILL_WAIT_S = 5.0  # after a hard stop, how long to wait for an exit before giving the rank up
 SIGNAL_POLL_S = 0.1  # how soon the monitor acts on a Ctrl-C (or SIGTERM) that its handler noted
 DRAIN_S = 2.0  # after an exit, how long to wait for the last output (a leftover may hold the pipe)
-LOST_POLL_S = 0.5  # how often a remote rank's channel is checked while waiting for its exit
 EXIT_INTERRUPTED = 130
-
-
-@dataclass
-class _Rank:
-    """The monitor's book-keeping for one rank (touched by reader threads only under `lock`)."""
-
-    spec: RankSpec
-    log: TextIO
-    log_path: Path
-    handle: RankHandle | None = None
-    state: RankState = RankState.PENDING
-    exit_code: int | None = None
-    started: float | None = None
-    ended: float | None = None
-    reason: str = ""
-    lines: deque[str] = field(default_factory=lambda: deque(maxlen=LAST_LINES))
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    detected_after: float | None = None  # LOST/STUCK: the silence or stall that decided it
-    pgid: int | None = None  # the rank's process group on its host, as its shim reported it
-    shim_pid: int | None = None  # the shim's pid on its host, as it reported it
-    open_streams: int = 0
-    exited_at: float | None = None  # exit or loss observed
-    stop_sent: bool = False
-    final: bool = False
-    detached: bool = False  # its output is no longer wanted (the run is over)
-
-    def result(self) -> RankResult:
-        return RankResult(rank=self.spec.rank, host_name=self.spec.host_name, state=self.state,
-                          exit_code=self.exit_code, started=self.started, ended=self.ended,
-                          reason=self.reason, last_lines=list(self.lines), log_path=self.log_path,
-                          detected_after=self.detected_after)
 
 
 class _Monitor:
@@ -104,17 +69,18 @@ class _Monitor:
         self.graceful_requested = False
         self.leaving: dict[str, str] = {}  # host -> why it must leave (its ranks reported it)
         self.rejoining: list[str] = []  # dropped hosts that answer again (fault.rejoin)
-        self.events: queue.Queue[tuple[str, int, int | None]] = queue.Queue()
+        self.events: queue.Queue[Event] = queue.Queue()
         self.emit_lock = threading.Lock()
         # A token only this run knows marks the shim's own report lines, so no rank output can fake one.
         self.report = f"macrun-rankshim-{secrets.token_hex(8)}"
+        self.streams = RankStreams(emit, self.emit_lock, self.events, self.report)
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.ranks: dict[int, _Rank] = {}
+        self.ranks: dict[int, TrackedRank] = {}
         for spec in sorted(specs, key=lambda s: s.rank):
             path = log_dir / f"rank-{spec.rank}.log"
-            self.ranks[spec.rank] = _Rank(spec=spec, log=path.open("w", encoding="utf-8", buffering=1),
-                                          log_path=path)
-        self.first_failure: _Rank | None = None
+            self.ranks[spec.rank] = TrackedRank(spec=spec, log=path.open("w", encoding="utf-8", buffering=1),
+                                                log_path=path)
+        self.first_failure: TrackedRank | None = None
         self.interrupted = False
         self.signals_seen = 0  # bumped by the signal handler; nothing else may happen in a handler
         self.signals_handled = 0
@@ -202,75 +168,27 @@ class _Monitor:
     # -- starting ---------------------------------------------------------------------------------------
 
     def _start_all(self) -> None:
-        for r in self.ranks.values():
-            if self.teardown_reason is not None:
+        started = start_shims(list(self.ranks.values()), self.launchers,
+                              lambda spec: shim_request(spec, grace=self.grace, report=self.report))
+        for rank, r in self.ranks.items():  # in rank order, as if one after another: the first failure leads
+            outcome = started.get(rank)
+            if outcome is None:
                 r.reason = "not started: the run was stopped before its turn"
                 r.final = True
-                continue
-            try:
-                handle = self.launchers[r.spec.rank].start(
-                    r.spec, shim_request(r.spec, grace=self.grace, report=self.report))
-            except Exception as exc:  # an OSError locally, a MacrunError from SSH: this rank failed
-                r.state, r.reason, r.final = RankState.FAILED, f"could not start: {exc}", True
+            elif isinstance(outcome, Exception):
+                r.state, r.reason, r.final = RankState.FAILED, f"could not start: {outcome}", True
                 r.started = r.ended = r.exited_at = time.monotonic()
                 self._fail(r)
-                continue
-            r.handle, r.state, r.started, r.open_streams = handle, RankState.RUNNING, time.monotonic(), 2
-            for stream, is_err in ((handle.stdout, False), (handle.stderr, True)):
-                threading.Thread(target=self._read, args=(r, stream, is_err), daemon=True,
-                                 name=f"rank-{r.spec.rank}-{'err' if is_err else 'out'}").start()
-            threading.Thread(target=self._wait, args=(r, handle), daemon=True,
-                             name=f"rank-{r.spec.rank}-wait").start()
-
-    # -- threads ------------------------------------------------------------------------------------------
-
-    def _read(self, r: _Rank, stream: IO[bytes], is_err: bool) -> None:
-        """Forward one output stream line by line; a last line without newline is flushed at EOF."""
-        prefix = f"[rank {r.spec.rank} {r.spec.host_name}] "
-        try:
-            for raw in stream:
-                text = raw.decode("utf-8", "replace").rstrip("\n").removesuffix("\r")
-                if is_err and self.report in text:
-                    text, _, report = text.partition(self.report)
-                    fields = dict(item.partition("=")[::2] for item in report.split())
-                    if fields.get("pgid", "").isdigit() and fields.get("shim", "").isdigit():
-                        r.pgid, r.shim_pid = int(fields["pgid"]), int(fields["shim"])
-                    if not text:
-                        continue
-                with r.lock:
-                    if r.detached:
-                        continue
-                    r.lines.append(text)
-                    r.log.write(text + "\n")
-                with self.emit_lock:
-                    try:
-                        self.emit(prefix + text)
-                    except Exception:  # a broken console must not stop the log file or the monitor
-                        pass
-        except (OSError, ValueError):
-            pass  # the stream was closed under us: treat it as EOF
-        finally:
-            try:
-                stream.close()
-            except (OSError, ValueError):
-                pass
-            self.events.put(("eof", r.spec.rank, None))
-
-    def _wait(self, r: _Rank, handle: RankHandle) -> None:
-        """Report the shim's exit, or the loss of its channel."""
-        timeout = LOST_POLL_S if handle.may_be_lost else None
-        while not r.final:
-            code = handle.wait(timeout)
-            if code is not None:
-                self.events.put(("exit", r.spec.rank, code))
-                return
-            if handle.is_lost():
-                self.events.put(("lost", r.spec.rank, None))
-                return
+            else:
+                r.handle, r.state, r.started, r.open_streams = outcome, RankState.RUNNING, time.monotonic(), 2
+                self.streams.follow(r, outcome)
+                if self.teardown_reason is not None:  # started on another host while this one failed
+                    r.stop_sent = True
+                    outcome.request_stop()
 
     # -- state changes (monitor thread only) --------------------------------------------------------------
 
-    def _on_event(self, kind: str, r: _Rank, value: int | None) -> None:
+    def _on_event(self, kind: str, r: TrackedRank, value: int | None) -> None:
         now = time.monotonic()
         if kind == "eof":
             r.open_streams -= 1
@@ -377,7 +295,7 @@ class _Monitor:
                     r.exited_at = r.exited_at or now
                     self._finish(r, now)
 
-    def _fail(self, r: _Rank) -> None:
+    def _fail(self, r: TrackedRank) -> None:
         if self.first_failure is None:
             self.first_failure = r
         if self.teardown_reason is None:
@@ -413,7 +331,7 @@ class _Monitor:
         if others:
             self._notice(f"{reason}; stopping {len(others)} other rank{'s' if len(others) > 1 else ''}")
 
-    def _finish(self, r: _Rank, now: float) -> None:
+    def _finish(self, r: TrackedRank, now: float) -> None:
         r.final = True
         r.ended = r.exited_at or now
         if r.state is RankState.FAILED and not r.reason and r.exit_code is not None:

@@ -242,19 +242,72 @@ class SSHLauncher:
 
     `workdir` is the folder on that host that holds the synced `distributed` package (the run's work
     dir); `~/` at its start is expanded by the remote shell.
+
+    `prestart` starts shims before their ranks are planned: each waits for its request on stdin, so a
+    rank's start is then one write instead of a channel open, an exec, an interpreter start and the
+    shim's imports (measured in benchmarks/launch.py). A shim that never gets a request ends at EOF, when
+    `discard` (or closing the connection) closes its channel: nothing ever runs in it.
     """
 
     def __init__(self, conn: SSHConnection, workdir: str) -> None:
         self.conn = conn
         self.workdir = workdir
+        self._warm: list[tuple[str, RemoteProcess]] = []  # (command, a shim waiting for its request)
+        self._lock = threading.Lock()
 
     def command(self, spec: RankSpec) -> str:
         """The remote command line: no secrets on it, those travel in the request on stdin."""
-        return f"cd {shell_path(self.workdir)} && exec {shell_path(spec.python)} -u -m {SHIM_MODULE}"
+        return self._command(spec.python)
+
+    def _command(self, python: str) -> str:
+        return f"cd {shell_path(self.workdir)} && exec {shell_path(python)} -u -m {SHIM_MODULE}"
+
+    def prestart(self, python: str, count: int) -> None:
+        """Start `count` shims with `python` now, for ranks whose requests come later (see the class).
+
+        Best effort: where one cannot start, its rank starts the ordinary way and reports any error then.
+        """
+        command = self._command(python)
+        for _ in range(count):
+            try:
+                process = self.conn.start(command)
+            except Exception:  # a HostError (connection lost): start() says so, for the rank it concerns
+                return
+            with self._lock:
+                self._warm.append((command, process))
+
+    def _take_warm(self, command: str) -> RemoteProcess | None:
+        """A pre-started shim for `command` that still waits, if any (one that already ended is dropped)."""
+        while True:
+            with self._lock:
+                if not self._warm:
+                    return None
+                warm_command, process = self._warm.pop(0)
+            if warm_command == command and process.poll() is None and not process.is_lost():
+                return process
+            process.close()
+
+    def discard(self) -> None:
+        """Close the pre-started shims nobody took: each ends at EOF without running anything."""
+        with self._lock:
+            warm, self._warm = self._warm, []
+        for _, process in warm:
+            try:
+                process.close()
+            except Exception:  # closing a dead channel
+                pass
 
     def start(self, spec: RankSpec, request: bytes) -> RankHandle:
         # Not `start(stdin=request)`: that sends EOF after the bytes, and EOF tells the shim to stop.
-        process = self.conn.start(self.command(spec))
+        command = self.command(spec)
+        warm = self._take_warm(command)
+        if warm is not None:
+            try:
+                warm.write_stdin(request)
+                return SSHRankHandle(self.conn, warm)
+            except Exception:  # it ended since: start a fresh one, which reports what is wrong
+                warm.close()
+        process = self.conn.start(command)
         try:
             process.write_stdin(request)
         except BaseException:

@@ -55,16 +55,26 @@ def _job_dir(host: HostSpec, name: str) -> str:
     return posixpath.join(host.workdir.rstrip("/") or "/", "jobs", name)
 
 
+def _prestart_shims(conns: Sequence[SSHConnection], reports: dict[str, SyncReport]) -> dict[str, SSHLauncher]:
+    """A launcher per host with a shim per slot already started in the synced job folder (launcher/ranks.py)."""
+    launchers = {c.host.name: SSHLauncher(c, reports[c.host.name].remote_dir) for c in conns}
+    with ThreadPoolExecutor(max_workers=len(conns)) as pool:
+        list(pool.map(lambda c: launchers[c.host.name].prestart(c.host.python, c.host.slots), conns))
+    return launchers
+
+
 def _prepare_hosts(
     conns: Sequence[SSHConnection], files: dict[str, Path], job_dirs: dict[str, str], timings: dict[str, float],
-    min_battery: float = 20.0,
+    min_battery: float = 20.0, launchers: dict[str, SSHLauncher] | None = None,
 ) -> tuple[tuple[dict[str, HostFacts], list[Problem]], dict[str, list[int]], dict[str, SyncReport]]:
     """Probe every host (asking it for free ports too) and sync the job's files, at once.
 
     The probe and the sync are independent remote commands on separate channels of one connection, so
     their round trips and interpreter start-ups overlap instead of adding up (the probe is the longer).
     Its errors come first, so a host without a usable Python is reported by the probe. Syncing before
-    the preflight verdict is safe: nothing runs until every check passed.
+    the preflight verdict is safe: nothing runs until every check passed. Once synced, each rank's shim
+    is started into `launchers` while the probe goes on; it waits for a request that only comes if
+    every check passes (and ends, having run nothing, when its channel closes).
     """
     def timed(name: str, fn: Callable[[], Any]) -> Any:
         began = time.perf_counter()
@@ -73,8 +83,14 @@ def _prepare_hosts(
         finally:
             timings[name] = time.perf_counter() - began
 
+    def sync_then_prestart() -> dict[str, SyncReport]:
+        reports = timed("sync", lambda: sync_all(conns, files, job_dirs))
+        if launchers is not None:
+            launchers.update(timed("prestart", lambda: _prestart_shims(conns, reports)))
+        return reports
+
     with ThreadPoolExecutor(max_workers=1) as pool:
-        sync_future = pool.submit(timed, "sync", lambda: sync_all(conns, files, job_dirs))
+        sync_future = pool.submit(sync_then_prestart)
         workdirs = {c.host.name: c.host.workdir for c in conns}
         ports = {c.host.name: c.host.slots + 2 for c in conns}  # MASTER_PORT, one per ring rank, jaccl's coordinator
         preflight = timed("probe", lambda: run_preflight(conns, workdir_by_host=workdirs, ports_by_host=ports,
@@ -148,12 +164,13 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
     conns = connect_all(hosts, accept_new_host_key=spec.accept_new_host_keys)
     timings["connect"] = time.perf_counter() - started
     by_name = {c.host.name: c for c in conns}
+    launchers: dict[str, SSHLauncher] = {}  # filled once synced, each with its shims started
     try:
         files = {**package_files(PACKAGE_DIR, "distributed"), **spec.files}
         with ThreadPoolExecutor(max_workers=1) as pool:  # looking for the model may hash it: alongside the probe
             models = pool.submit(check_models, conns, spec.model) if spec.model is not None else None
             (facts, warnings), ports, reports = _prepare_hosts(
-                conns, files, {h.name: _job_dir(h, spec.name) for h in hosts}, timings, spec.min_battery)
+                conns, files, {h.name: _job_dir(h, spec.name) for h in hosts}, timings, spec.min_battery, launchers)
             emit(render_text(render_preflight(facts, warnings)))
             for w in warnings:
                 emit(f"warning: {w.host}: {w.message}")
@@ -213,7 +230,8 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
             emit(f"starting {len(specs)} rank(s) on {len(hosts)} host(s) ({time.perf_counter() - started:.2f} s "
                  f"from connecting: connect {t['connect']:.2f} s, probe {t['probe']:.2f} s with sync "
                  f"{t['sync']:.2f} s alongside, hostfile {t['hostfile']:.2f} s)")
-            launchers = {h.name: SSHLauncher(by_name[h.name], job_dir[h.name]) for h in hosts}
+            for h in hosts:
+                launchers.setdefault(h.name, SSHLauncher(by_name[h.name], job_dir[h.name]))
             fetcher = (CheckpointFetcher(by_name[rank0], job_dir[rank0], spec.run_dir, spec.keep_checkpoints, emit)
                        if "checkpoints" in fetch else None)
 
@@ -249,5 +267,7 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                 emit(f"fetched {rel} from {rank0} ({copied} file(s)) into {spec.run_dir / rel}")
         return result
     finally:
+        for launcher in launchers.values():
+            launcher.discard()
         for conn in conns:
             conn.close()
