@@ -22,6 +22,12 @@ benchmarks/diloco_vs_ddp.py measures losses. Nor compute imbalance (issue 14 par
     .venv/bin/python benchmarks/islands_sim.py                       # the issue's room, measured lab numbers
     .venv/bin/python benchmarks/islands_sim.py --room 2,2 --inner-steps 100 --json runs/bench/islands.json
     .venv/bin/python benchmarks/islands_sim.py --tb-json tb.json --wifi-json wifi.json   # refit from a run
+    .venv/bin/python benchmarks/islands_sim.py --lab /tmp/macrun-lab   # check the model on a lab of 4 hosts
+
+`--lab` measures, on a running lab (`python -m tests.lab.labctl up --hosts 4`), the room's three rings in
+the same four processes (each holds two or three MLX rings at once, see docs/islands.md): the flat Wi-Fi
+ring of 4, the h0-h1 island over its cable, the leaders' ring h0, h2, h3 over Wi-Fi; and prints each beside
+the model's prediction. Each rank checks every result.
 """
 
 from __future__ import annotations
@@ -161,6 +167,75 @@ def measured_links(tb_json: Path | None, wifi_json: Path | None) -> tuple[Link, 
     return Link(tb_bw, tb_lat), Link(wifi_bw * wifi_n, wifi_lat, shared=True)  # airtime = n x per-link share
 
 
+# One lab rank: argv out_dir rank nbytes repeats. Rings: flat.json (all), island.json (ranks 0, 1),
+# leaders.json (ranks 0, 2, 3). A second ring needs MLX's group cache emptied first (docs/islands.md).
+LAB_RANK = r"""
+import ctypes, json, os, statistics, sys, time
+from pathlib import Path
+import mlx.core as mx
+out, rank, nbytes, reps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+lib = Path(mx.__file__).parent / "lib" / ("libmlx.dylib" if sys.platform == "darwin" else "libmlx.so")
+clear = ctypes.CDLL(str(lib))._ZN3mlx4core11distributed14clear_backendsEv
+def ring(rank_in, hostfile):
+    clear()
+    os.environ.update(MLX_RANK=str(rank_in), MLX_HOSTFILE=str(out / hostfile))
+    return mx.distributed.init(strict=True, backend="ring")
+flat = ring(rank, "flat.json")
+island = ring(rank, "island.json") if rank in (0, 1) else None
+leaders = ring({0: 0, 2: 1, 3: 2}[rank], "leaders.json") if rank != 1 else None
+x = mx.ones((nbytes // 4,))
+def timed(g):
+    times = []
+    for _ in range(reps):
+        mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=g))  # start together
+        began = time.perf_counter()
+        y = mx.distributed.all_sum(x, group=g)
+        mx.eval(y)
+        times.append(time.perf_counter() - began)
+        if not bool(mx.all(y == g.size()).item()):
+            raise SystemExit(f"rank {rank}: wrong all_sum")
+    return statistics.median(times)
+res = {"flat": timed(flat)}
+for name, g in (("island", island), ("leaders", leaders)):
+    mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=flat))
+    if g is not None:
+        res[name] = timed(g)
+(out / f"rank{rank}.json").write_text(json.dumps(res))
+"""
+
+
+def measure_lab(state_dir: Path, nbytes: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one all_sum of `nbytes` on each ring (slowest rank), on a running lab of >= 4 hosts."""
+    import tempfile
+
+    from tests.lab.labnet import Lab
+
+    lab = Lab.load(state_dir)
+    if len(lab.hosts) < 4:
+        raise ValueError(f"the lab in {state_dir} has {len(lab.hosts)} hosts: bring one up with --hosts 4")
+    h = lab.hosts[:4]
+    out = Path(tempfile.mkdtemp(prefix="islands-", dir=str(state_dir)))
+    (out / "rank.py").write_text(LAB_RANK)
+    port = 23100  # each host is its own network namespace: only another job on the same lab could clash
+    (out / "flat.json").write_text(json.dumps([[f"{x.wifi_ip}:{port}"] for x in h]))
+    (out / "island.json").write_text(json.dumps([[f"{h[0].tb['thunderbolt0']}:{port + 1}"],
+                                                 [f"{h[1].tb['thunderbolt1']}:{port + 1}"]]))
+    (out / "leaders.json").write_text(json.dumps([[f"{h[i].wifi_ip}:{port + 2}"] for i in (0, 2, 3)]))
+    procs = [lab.popen(h[r], [h[r].python, str(out / "rank.py"), str(out), str(r), str(nbytes), str(repeats)])
+             for r in range(4)]
+    try:
+        codes = [p.wait(timeout=120 + 30 * repeats) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if codes != [0] * 4:
+        raise RuntimeError(f"lab ranks exited with {codes}; their files are in {out}")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+    return {k: max(r[k] for r in ranks if k in r) for k in ("flat", "island", "leaders")}
+
+
 def _bytes(n: float) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
@@ -180,8 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--wifi-json", type=Path, help="a `macrun benchmark` JSON over the Wi-Fi")
     p.add_argument("--cable-gbit", type=float, help="what-if: the cable's bandwidth instead of the fitted one")
     p.add_argument("--cable-latency-ms", type=float, help="what-if: the cable's latency instead of the fitted one")
+    p.add_argument("--lab", type=Path, metavar="STATE_DIR", help="measure the rings on this running lab instead")
+    p.add_argument("--lab-mib", type=int, default=16, help="--lab: MiB per all_sum")
     p.add_argument("--json", type=Path, help="write every figure here")
     a = p.parse_args(argv)
+    if a.lab:
+        return lab_check(a)
     try:
         room = parse_room(a.room)
         sizes = [float(s) for s in a.params.split(",")]
@@ -213,6 +292,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "tokens": a.tokens, "cable": asdict(cable), "wifi": asdict(wifi),
                                       "results": rows}, indent=1) + "\n")
         print(f"wrote {a.json}")
+    return 0
+
+
+def lab_check(a: argparse.Namespace) -> int:
+    """Measured against modelled: the three rings of the 2+1+1 room, in the lab."""
+    cable, wifi = measured_links(a.tb_json, a.wifi_json)
+    nbytes = a.lab_mib * MIB
+    got = measure_lab(a.lab, nbytes, 5)
+    want = {"flat": allreduce_seconds(nbytes, 4, wifi), "island": allreduce_seconds(nbytes, 2, cable),
+            "leaders": allreduce_seconds(nbytes, 3, wifi)}
+    names = {"flat": "4 ranks over Wi-Fi", "island": "island h0-h1 over its cable",
+             "leaders": "leaders h0, h2, h3 over Wi-Fi"}
+    print(f"all_sum of {a.lab_mib} MiB, median of 5, slowest rank; each process holds its rings at once")
+    for k in ("flat", "island", "leaders"):
+        print(f"  {names[k]:<32} measured {format_seconds(got[k]):>8}   modelled {format_seconds(want[k]):>8}")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"bytes": nbytes, "measured": got, "modelled": want}, indent=1) + "\n")
     return 0
 
 
