@@ -11,8 +11,8 @@ arXiv:2311.08105, Algorithm 1. Per round t, with global parameters theta (identi
 The exchange is the only communication: one collective every H steps instead of one every step. The outer
 state (theta and the momentum buffer) is replicated: every rank applies the same update to the same
 numbers, so it needs no second broadcast. Each round boundary is also where the ranks agree to stop
-(a 4-byte vote), so a graceful stop always lands on a synced state. Wire formats (float32, bf16/fp16, block int8) are in
-`distributed.compress`.
+(a 4-byte vote), so a graceful stop always lands on a synced state. Wire formats (float32, bf16/fp16, int8,
+int4, int2) are in `distributed.compress`.
 
 Checkpoints hold the outer state and the round counter (group "diloco"); a resumed run restarts the
 current round from theta. Each rank keeps its own inner AdamW state beside the checkpoint (see
@@ -30,13 +30,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from distributed.compress import EXCHANGE_DTYPES, ring_bytes, sum_valid, wire_bytes
+from distributed.compress import EXCHANGE_DTYPES, ExchangeState, exchange, ring_bytes, ring_sum_bytes
 from distributed.config import StrategyConfig
 from distributed.errors import CheckpointError, TrainingError
 from distributed.progress import PROGRESS
 from distributed.strategy import Strategy, broadcast_parameters
 
 GROUP = "diloco"  # checkpoint group: "round", "params.<name>", "momentum.<name>"
+RESIDUAL = "exchange_residual"  # int2's error feedback: in GROUP for rank 0, in the rank state for the others
 
 
 def outer_step(params: mx.array, momentum: mx.array, delta: mx.array, *, lr: float, mu: float,
@@ -75,6 +76,7 @@ class DiLoCoStrategy(Strategy):
         self.momentum: mx.array | None = None  # the outer momentum buffer, flat float32
         self._layout: list[tuple[str, tuple[int, ...], mx.Dtype]] = []
         self._restored: dict[str, mx.array] | None = None
+        self.exchange_state = ExchangeState()  # this rank's rounding keys and int2 residual (distributed.compress)
 
     @classmethod
     def from_config(cls, group: mx.distributed.Group | None, cfg: StrategyConfig, *,
@@ -125,15 +127,25 @@ class DiLoCoStrategy(Strategy):
             # A checkpoint taken mid-round holds rank 0's local weights: restart the round from theta.
             self._load_into(model, params)
             self._restored = None
+            if RESIDUAL in saved and saved[RESIDUAL].shape == params.shape:
+                self.exchange_state.residual = saved[RESIDUAL]  # rank 0's own int2 residual
         self.bytes_sent += broadcast_parameters(model, self.group)
         self.params = self._flatten(model)
         self.momentum = mx.zeros_like(self.params) if momentum is None else momentum
+        self.exchange_state.rank = rank
         if self.group is not None and world_size > 1:
-            # Rank 0's momentum is the one that counts. Sent even when it is zeros, so that every rank
-            # takes part in the same collectives whether or not it found the checkpoint.
-            self.momentum = mx.distributed.all_sum(self.momentum if rank == 0 else mx.zeros_like(self.momentum),
-                                                   group=self.group)
-            self.bytes_sent += ring_bytes(self.params.nbytes, world_size)
+            # Only rank 0 reads the checkpoint, and its momentum is the one that counts. One float says whether
+            # it restored one; only then is it sent (float32, the others adding zeros: exact). A fresh start
+            # sends no zeros around (that was 2(n-1)/n x 4P bytes).
+            restored = mx.distributed.all_sum(mx.array([1.0 if rank == 0 and momentum is not None else 0.0]),
+                                              group=self.group)
+            self.bytes_sent += ring_sum_bytes(1, 4, world_size, rank)
+            if restored.item() > 0:
+                self.momentum = mx.distributed.all_sum(self.momentum if rank == 0 else mx.zeros_like(self.momentum),
+                                                       group=self.group)
+                self.bytes_sent += ring_sum_bytes(self.momentum.size, 4, world_size, rank)
+            else:
+                self.momentum = mx.zeros_like(self.params)
         mx.eval(self.params, self.momentum)
 
     @property
@@ -167,11 +179,12 @@ class DiLoCoStrategy(Strategy):
         if not valid:
             self.log(f"rank {self.rank}: pseudo-gradient has NaN/Inf at round {round_no} (step {step}); "
                      "contributing nothing this round")
-        total, count = sum_valid(delta, valid, self.group, self.exchange_dtype)
         started = time.perf_counter()
-        mx.eval(total, count)
+        sent = exchange(delta, valid, self.group, self.exchange_dtype, self.exchange_state)
+        total, count = sent.total, sent.count
+        mx.eval(total, count, *sent.arrays)
         self.comm_seconds += time.perf_counter() - started
-        self.bytes_sent += wire_bytes(delta.size, self.world_size, self.exchange_dtype)
+        self.bytes_sent += sent.bytes_sent  # counted at each collective (distributed.compress_wire)
         self.valid_ranks = int(count.item())
         if self.valid_ranks == 0:
             raise TrainingError(f"every rank's pseudo-gradient has NaN/Inf at DiLoCo round {round_no} (step {step})",
@@ -211,7 +224,24 @@ class DiLoCoStrategy(Strategy):
         group = {"round": mx.array(self.rounds, dtype=mx.int32)}
         group.update({f"params.{k}": v for k, v in self._pieces(self.params)})
         group.update({f"momentum.{k}": v for k, v in self._pieces(self.momentum)})
+        group.update(self._residual_state())  # rank 0's own int2 residual
         return {GROUP: group}
+
+    def rank_state(self) -> dict[str, mx.array]:
+        """int2's error-feedback residual: this rank's own, kept beside the checkpoint like its AdamW state."""
+        return self._residual_state()
+
+    def _residual_state(self) -> dict[str, mx.array]:
+        # Always the same key and shape for int2 (zeros before the first round): a rank's saved state is only
+        # taken back when it matches what `rank_state` gives after setup.
+        if self.exchange_dtype != "int2" or self.params is None:
+            return {}
+        residual = self.exchange_state.residual
+        return {RESIDUAL: residual if residual is not None else mx.zeros_like(self.params)}
+
+    def restore_rank_state(self, arrays: dict[str, mx.array]) -> None:
+        if RESIDUAL in arrays and self.params is not None and arrays[RESIDUAL].shape == self.params.shape:
+            self.exchange_state.residual = arrays[RESIDUAL].astype(mx.float32)
 
     def restore(self, groups: dict[str, dict[str, mx.array]]) -> None:
         # A checkpoint without the group (a DDP or single-rank run) starts a fresh outer state from its weights.

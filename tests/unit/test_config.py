@@ -56,7 +56,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("train:\n  batch_size: true\n", ["train.batch_size", "expected int"], None),
         ("model:\n  size: enormous\n", ["model.size", "'enormous'", "gpt2-small"], None),
         ("strategy:\n  mode: fast\n", ["strategy.mode", "auto, ddp, diloco"], None),
-        ("strategy:\n  exchange_dtype: int4\n", ["strategy.exchange_dtype", "int8"], None),
+        ("strategy:\n  exchange_dtype: int3\n", ["strategy.exchange_dtype", "int8"], None),
         ("data:\n  val_share: 0\n", ["data.val_share", "> 0.0"], None),
         ("data:\n  val_share: 0.9\n", ["data.val_share", "<= 0.5"], None),
         ("model:\n  n_head: 3\n  n_embd: 64\n", ["n_embd (64) must be a multiple of model.n_head (3)"], None),
