@@ -139,22 +139,32 @@ def _tick_label(value: float) -> str:
 
 def line_plot(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], path: Path, *, title: str,
               x_label: str, y_label: str, x_tick_label: object = str,
-              guides: Sequence[tuple[str, float]] = (), width: int = 900, height: int = 540) -> Path:
+              guides: Sequence[tuple[str, float]] = (), width: int = 900, height: int = 540,
+              x_ticks: Sequence[float] | None = None, y_range: tuple[float, float] | None = None) -> Path:
     """Plot each (label, [(x, y), ...]) as a line on a log-2 x axis and write a PNG to `path`.
 
     `guides` are dashed horizontal lines (label, y), e.g. a link's measured throughput, drawn in the colour
-    of the series with the same index. `x_tick_label` turns an x value into its tick's text.
+    of the series with the same index. `x_tick_label` turns an x value into its tick's text. `x_ticks`
+    replaces the default (a tick at every x of the data: right for a few sizes, a clutter for curves of
+    many points). `y_range` (low, high) zooms a linear y axis that would otherwise start at 0, where
+    curves that differ by a few percent (validation losses) would look alike.
     """
     canvas = Canvas(width, height)
     left, right, top, bottom = 104, width - 30, 50, height - 120
     xs = sorted({x for _, points in series for x, _ in points if x > 0})
     if not xs:
         raise ValueError("nothing to plot")
+    tick_xs = sorted(x for x in x_ticks if x > 0) if x_ticks is not None else xs
+    xs = sorted({*xs, *tick_xs})
     ys = [y for _, points in series for _, y in points] + [y for _, y in guides]
     positive = [y for y in ys if y > 0]
     # Figures spanning more than ~30x (Wi-Fi beside Thunderbolt, bytes beside megabytes) need a log axis.
-    log_y = bool(positive) and len(positive) == len(ys) and max(positive) / min(positive) > 30
+    log_y = y_range is None and bool(positive) and len(positive) == len(ys) and max(positive) / min(positive) > 30
     ticks = log_ticks(min(positive), max(positive)) if log_y else nice_ticks(max(ys) * 1.05 if ys else 1.0)
+    if y_range is not None:
+        step = nice_ticks(y_range[1] - y_range[0])[1]
+        first = math.floor(y_range[0] / step) * step
+        ticks = [first + i * step for i in range(int(math.ceil((y_range[1] - first) / step - 1e-9)) + 1)]
     lo, hi = math.log2(xs[0]), math.log2(xs[-1])
     span = hi - lo or 1.0
     lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo, hi)
@@ -166,13 +176,15 @@ def line_plot(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], path:
         if log_y:
             low, high = math.log10(ticks[0]), math.log10(ticks[-1])
             return bottom - (math.log10(max(y, ticks[0])) - low) / (high - low) * (bottom - top)
-        return bottom - y / ticks[-1] * (bottom - top)
+        if y_range is not None:  # a zoomed axis clips what falls outside it
+            y = min(max(y, ticks[0]), ticks[-1])
+        return bottom - (y - ticks[0]) / (ticks[-1] - ticks[0]) * (bottom - top)
 
     grey, dark = (225, 225, 225), (60, 60, 60)
     for t in ticks:
         canvas.line(left, py(t), right, py(t), grey)
         canvas.text(left - 8, py(t) - 7, _tick_label(t), dark, anchor="right")
-    for x in xs:
+    for x in tick_xs:
         canvas.line(px(x), top, px(x), bottom, grey)
         canvas.text(px(x), bottom + 10, str(x_tick_label(x)), dark, anchor="centre")
     canvas.line(left, bottom, right, bottom, dark, 2)
@@ -202,4 +214,4 @@ def line_plot(series: Sequence[tuple[str, Sequence[tuple[float, float]]]], path:
     return path
 
 
-__all__ = ["Canvas", "line_plot", "nice_ticks"]
+__all__ = ["Canvas", "line_plot", "log_ticks", "nice_ticks"]
