@@ -6,7 +6,8 @@ environment says. MLX's C++ API has `distributed::clear_backends()` (it empties 
 only at exit): called through ctypes, the next `init` reads MLX_RANK and MLX_HOSTFILE afresh and builds a
 second ring, while the first stays alive in the Python object that holds it. This test pins those facts
 with 4 real local ranks in 2 islands of 2: the island all_sum, the leaders' all_sum and the hand-out back to
-the island, interleaved for 12 rounds of different sizes, all exact.
+the island, interleaved for 12 rounds of different sizes, all exact; then the world ring of 4, opened last
+as docs/islands.md plans, becomes what `init()` returns, and all three rings still work.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import ctypes, json, os, sys
 from pathlib import Path
 import mlx.core as mx
 
+lib = Path(mx.__file__).parent / "lib" / ("libmlx.dylib" if sys.platform == "darwin" else "libmlx.so")
+clear_backends = ctypes.CDLL(str(lib))._ZN3mlx4core11distributed14clear_backendsEv
 out, rank = Path(sys.argv[1]), int(sys.argv[2])
 island, local = divmod(rank, 2)
 res = {}
@@ -48,8 +51,7 @@ if local == 0:
     os.environ.update(MLX_RANK=str(island), MLX_HOSTFILE=str(out / "leaders.json"))
     cached = mx.distributed.init(strict=True, backend="ring")
     res["second_init_cached"] = cached.rank() == isl.rank() and cached.size() == isl.size()
-    name = "libmlx.dylib" if sys.platform == "darwin" else "libmlx.so"
-    ctypes.CDLL(str(Path(mx.__file__).parent / "lib" / name))._ZN3mlx4core11distributed14clear_backendsEv()
+    clear_backends()
     lead = mx.distributed.init(strict=True, backend="ring")
     res["leaders"] = [lead.rank(), lead.size()]
     res["default_is_leaders"] = mx.distributed.init().rank() == island
@@ -63,15 +65,26 @@ for it in range(12):
     mx.eval(s)
     ok = ok and bool(mx.all(s == sum(r + 1 + it for r in range(4))).item())
 res["exact"] = ok
+clear_backends()
+os.environ.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(out / "world.json"))
+world = mx.distributed.init(strict=True, backend="ring")
+res["default_is_world"] = mx.distributed.init().size() == 4 and mx.distributed.init().rank() == rank
+rings = [world, isl] + ([lead] if lead is not None else [])
+res["all_rings_after_world"] = []
+for g in rings:  # one at a time: every member must run a ring's collectives in the same order
+    s = mx.distributed.all_sum(mx.ones((1000,)), group=g)
+    mx.eval(s)
+    res["all_rings_after_world"].append(int(s[0].item()))
 (out / f"rank{rank}.json").write_text(json.dumps(res))
 """
 
 
 def test_island_ring_and_leaders_ring_coexist_in_one_process(tmp_path: Path) -> None:
-    ports = free_ports(6, "127.0.0.1")
+    ports = free_ports(10, "127.0.0.1")
     for i in range(2):
         (tmp_path / f"island{i}.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports[2 * i:2 * i + 2]]))
-    (tmp_path / "leaders.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports[4:]]))
+    (tmp_path / "leaders.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports[4:6]]))
+    (tmp_path / "world.json").write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports[6:]]))
     (tmp_path / "rank.py").write_text(RANK)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "rank.py"), str(tmp_path), str(r)], env=env,
@@ -92,6 +105,8 @@ def test_island_ring_and_leaders_ring_coexist_in_one_process(tmp_path: Path) -> 
     for r in res:  # if MLX's ring gains split, docs/islands.md's plan simplifies: use it
         assert r["split"] == "[ring] Group split not supported."
         assert r["exact"]
+        assert r["default_is_world"], "the ring opened last is what init() returns"
+    assert [r["all_rings_after_world"] for r in res] == [[4, 2, 2], [4, 2], [4, 2, 2], [4, 2]]
     for leader, island in ((res[0], 0), (res[2], 1)):
         assert leader["second_init_cached"], "a second init(backend='ring') should return the cached group"
         assert leader["leaders"] == [island, 2]
