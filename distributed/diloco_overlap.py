@@ -34,13 +34,19 @@ Collectives: the exchange runs on its own CPU stream (`mx.new_stream(mx.cpu)`), 
 blocks in the ring while the default stream's thread trains (measured on 2 real ranks: with the peer
 1.5 s late, no inner step stalled; the exchange finished 1.8 s after its start, during the steps). No
 other collective may run on the group while it is in flight, so the stop vote waits for it at the
-boundary and a replica check asked mid-flight runs at the next boundary.
+boundary and a replica check asked mid-flight runs at the next boundary. float32, 16-bit and int8 overlap;
+int4 and int2 do not: their ring runs hop by hop in Python, each send/recv evaluated on the spot
+(distributed.compress_wire.run_on_group), so their whole exchange is spent, and counted as exposed, in the
+launch. Overlapping them would need the hops on a thread of their own.
 
 Checkpoints hold the resume point of the last boundary: theta, v and the round counter before the
 in-flight exchange, plus the in-flight pseudo-gradient (rank 0's in the checkpoint, each other rank's in
 its own state file beside it, see Strategy.rank_state). A resumed run starts the exchange again from
-those and continues exactly as if never stopped; the last boundary's drain is not part of the resume
-point (it only makes the exported weights complete).
+those and continues exactly as if never stopped (bit for bit with float32 and 16-bit exchanges; int8/int4
+round stochastically from a per-rank key counter that the checkpoint does not hold, so theirs resumes
+within the rounding). The last boundary's drain is not part of the resume point (it only makes the
+exported weights complete). Switching overlap on or off between a run and its resume loses the round in
+flight (and, for ranks other than 0, their own AdamW state: the saved set of arrays differs).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from distributed.compress import ring_bytes, sum_valid, wire_bytes
+from distributed.compress import exchange, ring_bytes
 from distributed.diloco import GROUP, DiLoCoStrategy, _reset_nonfinite_moments, outer_step
 from distributed.errors import TrainingError
 from distributed.progress import PROGRESS
@@ -72,7 +78,7 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
         self._comm: mx.Stream | None = None
         self._anchor: mx.array | None = None  # a_r: where this rank's current round started, flat float32
         self._sent: tuple[mx.array, bool] | None = None  # (d_r, valid_r) of the round in flight
-        self._inflight: tuple[mx.array, mx.array] | None = None  # (sum, count), lazy, on the comm stream
+        self._inflight: tuple[mx.array, ...] | None = None  # (sum, count, *residual), lazy, on the comm stream
         self._resubmit = False  # resumed with a round in flight: start its exchange at the first step
         self._found_own = True  # a rank other than 0 found its in-flight d_r beside the checkpoint
         self._resume_point: dict[str, Any] = {}  # what state_groups saves (taken before any final drain)
@@ -184,12 +190,17 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
     def _launch(self, d: mx.array, valid: bool, step: int) -> None:
         PROGRESS.enter(f"DiLoCo outer exchange of round {self.rounds + 1} (after step {step}), overlapped")
         assert self._comm is not None
+        self._started_at = time.perf_counter()
         with mx.stream(self._comm):
-            total, count = sum_valid(d, valid, self.group, self.exchange_dtype)
-        mx.async_eval(total, count)
-        self._inflight = (total, count)
-        self.bytes_sent += wire_bytes(d.size, self.world_size, self.exchange_dtype)
-        self._started_at = self._done_at = time.perf_counter()
+            # float32, 16-bit and int8 stay lazy here; int4/int2 run their send/recv hops on the spot
+            # (distributed.compress_wire.run_on_group), so for them this call is the exposed part.
+            sent = exchange(d, valid, self.group, self.exchange_dtype, self.exchange_state)
+        self._inflight = (sent.total, sent.count, *sent.arrays)
+        mx.async_eval(*self._inflight)
+        self.bytes_sent += sent.bytes_sent
+        self._done_at = time.perf_counter()
+        self.exposed_seconds += self._done_at - self._started_at
+        self.comm_seconds += self._done_at - self._started_at
         comm = self._comm
 
         def note_done() -> None:  # the end of the exchange, seen from its own thread (the GIL is released)
@@ -222,7 +233,7 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
         if self._inflight is None:
             return
         assert self.params is not None and self.momentum is not None
-        total, count = self._inflight
+        total, count = self._inflight[:2]
         self._inflight = None
         round_no = self.rounds + 1
         self.valid_ranks = int(count.item())

@@ -111,13 +111,16 @@ def run(out: Path, data_dir: Path, *, nan_step: int = 0, stop_at: int = 0, resum
     return [json.loads((out / f"report{r}.json").read_text()) for r in (0, 1)], [o for _, o in results]
 
 
-@pytest.mark.parametrize("nan_step", [0, 4])
-def test_overlapped_rounds_match_the_delayed_rule(tmp_path: Path, data_dir: Path, nan_step: int) -> None:
-    reports, outputs = run(tmp_path, data_dir, nan_step=nan_step)
+@pytest.mark.parametrize(("dtype", "nan_step"), [("float32", 0), ("float32", 4), ("int4", 0)])
+def test_overlapped_rounds_match_the_delayed_rule(tmp_path: Path, data_dir: Path, dtype: str, nan_step: int) -> None:
+    config = {**TINY, "strategy": {**TINY["strategy"], "exchange_dtype": dtype}}
+    reports, outputs = run(tmp_path, data_dir, nan_step=nan_step, config=config)
     for rep in reports:
         assert [r["step"] for r in rep["rounds"]] == [H * (i + 1) for i in range(ROUNDS)]
         for r in rep["rounds"]:
-            assert max(r["err"].values()) <= 1.0, r
+            # float32 to float rounding; int4 (hop by hop, not overlapped) only runs through the same rule here:
+            # its rounding error is bounded in tests/unit/test_compress_formats.py.
+            assert dtype != "float32" or max(r["err"].values()) <= 1.0, r
         # One round late: nothing applied at the first boundary; the last boundary applies two (the drain).
         assert [r["rounds"] for r in rep["rounds"]] == [0, 1, 2, 4]
         assert rep["rounds"][-1]["final"] and rep["local_hash"] == rep["final_hash"]
