@@ -30,14 +30,14 @@ meaning; the eager paper instead feeds (1/M)(own fresh) + the others' stale shar
 optimizer. Streaming DiLoCo's mix (x = alpha*x + (1-alpha)*theta_new) is meant for tau << H; with tau = H
 it would throw away (1-alpha) of a whole round.
 
-Collectives: the exchange runs on its own CPU stream (`mx.new_stream(mx.cpu)`), whose worker thread
-blocks in the ring while the default stream's thread trains (measured on 2 real ranks: with the peer
-1.5 s late, no inner step stalled; the exchange finished 1.8 s after its start, during the steps). No
-other collective may run on the group while it is in flight, so the stop vote waits for it at the
-boundary and a replica check asked mid-flight runs at the next boundary. float32, 16-bit and int8 overlap;
-int4 and int2 do not: their ring runs hop by hop in Python, each send/recv evaluated on the spot
-(distributed.compress_wire.run_on_group), so their whole exchange is spent, and counted as exposed, in the
-launch. Overlapping them would need the hops on a thread of their own.
+Collectives: the exchange runs on a thread of its own with its own MLX stream (`_Courier`), so MLX's ring
+works on it while this thread trains; every wire format overlaps, including int4/int2, whose hops are driven
+from Python. Measured on 2 real ranks with the peer 1.5 s late: no inner step stalled, the exchange ended
+1.8 s after its start, during the steps (tests/integration/test_diloco_overlap.py). No other collective may
+run on the group while one is in flight (their bytes would mix on the ring), so the stop vote waits for it
+at the boundary and a replica check asked mid-flight runs at the next boundary. On a machine whose cores
+are all training (the lab's 2 cores), the ring's spinning threads take CPU from the steps; on a Mac the
+steps run on the GPU.
 
 Checkpoints hold the resume point of the last boundary: theta, v and the round counter before the
 in-flight exchange, plus the in-flight pseudo-gradient (rank 0's in the checkpoint, each other rank's in
@@ -52,14 +52,17 @@ flight (and, for ranks other than 0, their own AdamW state: the saved set of arr
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from distributed.compress import exchange, ring_bytes
+from distributed.compress import Exchanged, exchange, ring_bytes
 from distributed.diloco import GROUP, DiLoCoStrategy, _reset_nonfinite_moments, outer_step
 from distributed.errors import TrainingError
 from distributed.progress import PROGRESS
@@ -75,17 +78,15 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
         self.exposed_seconds = 0.0  # waiting at boundaries for an exchange to finish (also in comm_seconds)
         self._exchange_seconds = 0.0  # every exchange, start to finish, hidden or not
         self._model: nn.Module | None = None
-        self._comm: mx.Stream | None = None
+        self._courier: _Courier | None = None
         self._anchor: mx.array | None = None  # a_r: where this rank's current round started, flat float32
         self._sent: tuple[mx.array, bool] | None = None  # (d_r, valid_r) of the round in flight
-        self._inflight: tuple[mx.array, ...] | None = None  # (sum, count, *residual), lazy, on the comm stream
+        self._inflight: Future[tuple[Exchanged, float]] | None = None  # the exchange travelling, on the courier
+        self._arrived: Exchanged | None = None  # the exchange waited for, not yet applied
         self._resubmit = False  # resumed with a round in flight: start its exchange at the first step
         self._found_own = True  # a rank other than 0 found its in-flight d_r beside the checkpoint
         self._resume_point: dict[str, Any] = {}  # what state_groups saves (taken before any final drain)
         self._check_due: int | None = None  # a replica check asked while an exchange was in flight
-        self._started_at, self._done_at = 0.0, 0.0
-        self._waiter: threading.Thread | None = None
-        self._comm_error: RuntimeError | None = None
 
     @property
     def exchange_seconds(self) -> float:  # type: ignore[override]
@@ -96,7 +97,7 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
     def setup(self, model: nn.Module, *, rank: int, world_size: int) -> None:
         saved = self._restored
         super().setup(model, rank=rank, world_size=world_size)
-        self._model, self._comm = model, mx.new_stream(mx.cpu)
+        self._model, self._courier = model, _Courier()
         inflight = saved is not None and INFLIGHT in saved and bool(saved[INFLIGHT].item())
         if self.group is not None and world_size > 1:  # only rank 0 read the checkpoint
             flag = mx.distributed.all_sum(mx.array([1.0 if inflight and rank == 0 else 0.0]), group=self.group)
@@ -189,52 +190,36 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
 
     def _launch(self, d: mx.array, valid: bool, step: int) -> None:
         PROGRESS.enter(f"DiLoCo outer exchange of round {self.rounds + 1} (after step {step}), overlapped")
-        assert self._comm is not None
-        self._started_at = time.perf_counter()
-        with mx.stream(self._comm):
-            # float32, 16-bit and int8 stay lazy here; int4/int2 run their send/recv hops on the spot
-            # (distributed.compress_wire.run_on_group), so for them this call is the exposed part.
-            sent = exchange(d, valid, self.group, self.exchange_dtype, self.exchange_state)
-        self._inflight = (sent.total, sent.count, *sent.arrays)
-        mx.async_eval(*self._inflight)
-        self.bytes_sent += sent.bytes_sent
-        self._done_at = time.perf_counter()
-        self.exposed_seconds += self._done_at - self._started_at
-        self.comm_seconds += self._done_at - self._started_at
-        comm = self._comm
+        assert self._courier is not None
+        mx.eval(d)  # the courier thread gets data, not a graph on this thread's stream
+        self._inflight = self._courier.submit(lambda: self._exchange(d, valid))
 
-        def note_done() -> None:  # the end of the exchange, seen from its own thread (the GIL is released)
-            try:
-                mx.synchronize(comm)
-            except RuntimeError as exc:  # a lost peer: kept for the boundary, which raises it on the main thread
-                self._comm_error = exc
-            finally:
-                self._done_at = time.perf_counter()
-
-        self._waiter = threading.Thread(target=note_done, name="diloco-exchange", daemon=True)
-        self._waiter.start()
+    def _exchange(self, d: mx.array, valid: bool) -> tuple[Exchanged, float]:
+        """Runs on the courier thread: the whole exchange, every format, to its end."""
+        started = time.perf_counter()
+        sent = exchange(d, valid, self.group, self.exchange_dtype, self.exchange_state)
+        mx.eval(sent.total, sent.count, *sent.arrays)
+        return sent, time.perf_counter() - started
 
     def _wait(self) -> None:
         if self._inflight is None:
             return
         started = time.perf_counter()
-        mx.eval(*self._inflight)
-        if self._waiter is not None:
-            self._waiter.join()
-        if self._comm_error is not None:
-            raise self._comm_error
+        self._arrived, took = self._inflight.result()  # a lost peer's error is raised here, on this thread
+        self._inflight = None
         waited = time.perf_counter() - started
         self.exposed_seconds += waited
         self.comm_seconds += waited
-        self._exchange_seconds += max(self._done_at - self._started_at, waited)
+        self._exchange_seconds += max(took, waited)
+        self.bytes_sent += self._arrived.bytes_sent
 
     def _apply(self, step: int) -> None:
         """The outer step on the mean of the round in flight (waited for), if there is one."""
-        if self._inflight is None:
+        if self._arrived is None:
             return
         assert self.params is not None and self.momentum is not None
-        total, count = self._inflight[:2]
-        self._inflight = None
+        total, count = self._arrived.total, self._arrived.count
+        self._arrived = None
         round_no = self.rounds + 1
         self.valid_ranks = int(count.item())
         if self.valid_ranks == 0:
@@ -270,3 +255,32 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
         if sent is not None:
             group.update({f"{INFLIGHT}.{k}": v for k, v in self._pieces(sent[0])})
         return {GROUP: group}
+
+
+class _Courier:
+    """One daemon thread with an MLX stream of its own, running exchanges one at a time.
+
+    A thread, not just a stream: int4/int2 drive their ring hop by hop from Python, evaluating each send/recv
+    (distributed.compress_wire.run_on_group), and MLX 0.32's streams belong to the thread that made them
+    (using one from another thread raises "There is no Stream(cpu, N) in current thread"). A daemon, so a
+    collective hung on a lost peer never keeps the process from exiting.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="diloco-exchange", daemon=True).start()
+
+    def submit(self, job: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((job, future))
+        return future
+
+    def _serve(self) -> None:
+        stream = mx.new_stream(mx.cpu)
+        while True:
+            job, future = self._jobs.get()
+            try:
+                with mx.stream(stream):
+                    future.set_result(job())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which raises it
+                future.set_exception(exc)

@@ -152,7 +152,7 @@ def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path: Path, data_dir: 
         assert resumed[r]["loss"] == whole[r]["loss"]
 
 
-# One rank of the concurrency check. argv: out_dir delay_s compute_s.
+# One rank of the concurrency check. argv: out_dir delay_s compute_s exchange_dtype.
 CONCURRENT = r"""
 import json, sys, time
 from pathlib import Path
@@ -160,7 +160,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from distributed.diloco_overlap import OverlapDiLoCoStrategy
 
-out, delay, compute = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+out, delay, compute, dtype = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 group = mx.distributed.init(backend="ring", strict=True)
 rank = group.rank()
 
@@ -173,7 +173,7 @@ class LateOnRank1(OverlapDiLoCoStrategy):
 
 
 model = nn.Linear(512, 512)  # 0.26M parameters: 1 MB per exchange
-strategy = LateOnRank1(group, inner_steps=1)
+strategy = LateOnRank1(group, inner_steps=1, exchange_dtype=dtype)
 strategy.setup(model, rank=rank, world_size=group.size())
 model.update({"weight": model.weight * 0.9})
 strategy.after_step(model, None, 1)  # launches round 1's exchange (rank 1 joins `delay` s late)
@@ -196,10 +196,11 @@ strategy.after_step(model, None, 2, last=True)
 """
 
 
-def test_the_exchange_runs_while_the_next_round_computes(tmp_path: Path) -> None:
-    """MLX runs the exchange on its own stream's thread: a late peer holds up the exchange, not the steps."""
+@pytest.mark.parametrize("dtype", ["float32", "int4"])  # int4: hops driven from Python, on the courier thread
+def test_the_exchange_runs_while_the_next_round_computes(tmp_path: Path, dtype: str) -> None:
+    """The exchange runs on its own thread and MLX stream: a late peer holds up the exchange, not the steps."""
     delay, compute = 1.5, 3.0
-    for code, output in finish(start_ranks(CONCURRENT, [str(delay), str(compute)], tmp_path, 2)):
+    for code, output in finish(start_ranks(CONCURRENT, [str(delay), str(compute), dtype], tmp_path, 2)):
         assert code == 0, output
     rep = json.loads((tmp_path / "concurrent0.json").read_text())
     # Rank 0's exchange ended when rank 1 joined, during the compute (had it only progressed once rank 0 waited
