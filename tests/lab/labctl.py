@@ -26,7 +26,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     start = time.monotonic()
     lab = Lab.up(args.hosts, wifi_rate=args.wifi_rate, tb_rate=args.tb_rate,
                  thunderbolt=not args.no_thunderbolt, prefix=args.prefix, state_dir=state_dir,
-                 host_python=args.host_python, announce_mdns=args.mdns)
+                 host_python=args.host_python, announce_mdns=args.mdns, neutral=args.neutral)
     took = time.monotonic() - start
     print(f"lab up: {len(lab.hosts)} hosts in {took:.1f} s, state in {lab.state_dir}")
     _print_hosts(lab)
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="bring the lab up and leave it running")
     up.add_argument("--hosts", type=int, default=3, help="number of emulated hosts (default 3)")
     up.add_argument("--no-thunderbolt", action="store_true", help="Wi-Fi only, no thunderbolt links")
+    up.add_argument("--neutral", action="store_true",
+                    help="thunderbolt links up but without IPv4, like cabled Macs before `macrun hosts setup-thunderbolt`")
     up.add_argument("--mdns", action="store_true",
                     help="announce hosts over mDNS (like Macs with Remote Login)")
     up.add_argument("--wifi-rate", default="200mbit", help="shared Wi-Fi rate (tc syntax, default 200mbit)")
