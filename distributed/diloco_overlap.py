@@ -30,10 +30,10 @@ meaning; the eager paper instead feeds (1/M)(own fresh) + the others' stale shar
 optimizer. Streaming DiLoCo's mix (x = alpha*x + (1-alpha)*theta_new) is meant for tau << H; with tau = H
 it would throw away (1-alpha) of a whole round.
 
-What the delay costs, measured (tiny GPT, 2 local ranks, H=10, 50 rounds, one seed; `macrun train`):
-final validation loss 2.860 with overlap vs 2.775 without at outer lr 0.7, 2.810 vs 2.733 at 0.5, 2.797 at
-lr 0.7 with outer momentum 0.8: about 3% worse, which is why it is off by default and worth it only where
-the exchange would otherwise stop the ranks for a large share of each round.
+What the delay costs, measured (tiny GPT, 2 local ranks, H=10, 50 rounds; `macrun train`): final
+validation loss 2.860 with overlap vs 2.775 without at outer lr 0.7 (seed 1: 2.997 vs 2.917), 2.810 vs
+2.733 at 0.5, 2.797 at lr 0.7 with outer momentum 0.8: about 3% worse, which is why it is off by default
+and worth it only where the exchange would otherwise stop the ranks for a large share of each round.
 
 Collectives: the exchange runs on a thread of its own with its own MLX stream (`_Courier`), so MLX's ring
 works on it while this thread trains; every wire format overlaps, including int4/int2, whose hops are driven
