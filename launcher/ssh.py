@@ -14,12 +14,14 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import paramiko
+from paramiko.common import MSG_CHANNEL_REQUEST
 
 from distributed.errors import HostError
 from launcher import known_hosts
@@ -34,25 +36,6 @@ from launcher.sshconn import RemoteProcess as RemoteProcess
 from launcher.sshconn import SSHConnection as SSHConnection
 from launcher.sshconn import SSHTarget as SSHTarget
 from launcher.tcp import open_tcp
-
-
-def _skip_invoke_unless_needed() -> None:
-    """paramiko imports `invoke` (~0.1 s, a third of macrun's start) only to run ssh_config's `Match exec`.
-
-    When ~/.ssh/config has no `exec` criterion, pretend invoke is absent; paramiko treats that as optional.
-    """
-    try:
-        text = (Path.home() / ".ssh" / "config").read_text(errors="replace").lower()
-    except OSError:
-        text = ""
-    if "exec" not in text:
-        sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
-
-
-_skip_invoke_unless_needed()
-
-import paramiko  # noqa: E402
-from paramiko.common import MSG_CHANNEL_REQUEST  # noqa: E402
 
 # paramiko logs handshake failures at ERROR; without a handler Python would print them to stderr,
 # and library code never prints: every failure reaches the caller as a HostError instead.

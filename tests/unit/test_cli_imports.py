@@ -15,8 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Imports everything `macrun run --hosts` needs up to starting ranks, the way the console script does.
 LOADED = """
 import json, sys
-from launcher.cli import _defer_invoke
-_defer_invoke()
+import launcher  # noqa: F401  (defers invoke before anything imports paramiko)
 import launcher.cli, launcher.api, launcher.remote, launcher.project
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in
                         ("invoke", "unittest", "mlx", "numpy", "mlx_lm", "questionary", "zeroconf"))))
@@ -24,8 +23,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in
 
 MATCH_EXEC = """
 import sys
-from launcher.cli import _defer_invoke
-_defer_invoke()
+import launcher  # noqa: F401  (defers invoke before anything imports paramiko)
 import paramiko
 text = 'Match exec "true"\\n  User yes\\nMatch exec "false"\\n  Port 2222\\nHost *\\n  Port 22\\n'
 found = paramiko.SSHConfig.from_text(text).lookup("studio")
