@@ -120,8 +120,12 @@ class StrategyConfig:
                           "in 10, 20, 50, 100, 200, 500 whose exchange, measured at start, stays under 10% of a "
                           "round's compute, at most train.steps/10 (distributed/costmodel.py; 100 where nothing can "
                           "be measured).", min=0)
-    outer_lr: float = _f(0.7, "DiLoCo: outer learning rate.", gt=0.0, max=10.0)
-    outer_momentum: float = _f(0.9, "DiLoCo: outer momentum.", min=0.0, max=0.999999)
+    outer_lr: float = _f(1.0, "DiLoCo: outer learning rate. 1.0 with outer_momentum 0 is plain averaging of the "
+                         "replicas' progress, which won at up to 50 outer rounds (benchmarks/diloco_vs_ddp.py, "
+                         "wifi_time_to_loss.py); for runs of hundreds of rounds the paper's 0.7 with Nesterov 0.9.",
+                         gt=0.0, max=10.0)
+    outer_momentum: float = _f(0.0, "DiLoCo: outer momentum (Nesterov when strategy.nesterov); see outer_lr.",
+                               min=0.0, max=0.999999)
     nesterov: bool = _f(True, "DiLoCo: use Nesterov momentum in the outer step.")
     exchange_dtype: str = _f("float32", "DiLoCo: wire format of the pseudo-gradient exchange; bytes per rank per "
                              "round at 4 ranks, P parameters: float32 6P, bfloat16/float16 3P, int8 1.52P, "

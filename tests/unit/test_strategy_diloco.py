@@ -113,7 +113,7 @@ def test_one_rank_with_lr_1_and_no_momentum_is_plain_training(tmp_path: Path, da
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
     # ... while the paper's outer step (lr 0.7, Nesterov 0.9) really does something else.
-    paper = DiLoCoStrategy.from_config(None, StrategyConfig(inner_steps=3), log=quiet)
+    paper = DiLoCoStrategy.from_config(None, StrategyConfig(inner_steps=3, outer_lr=0.7, outer_momentum=0.9), log=quiet)
     train(cfg, data_dir=data_dir, run_dir=tmp_path / "paper", strategy=paper, log=quiet)
     c = _weights(tmp_path / "paper")
     assert max(np.abs(a[k] - c[k]).max() for k in a) > 1e-3
