@@ -10,7 +10,8 @@ each method tuned on its own at equal tokens, best against best.
   best lr.
 * stage 2, the other seeds: the `top` best groups of each method again; a method's best is the group
   with the lowest validation loss averaged over every seed it ran, and it must have run every seed
-  (if a group with fewer seeds overtakes it, that group runs the rest, until the best has them all).
+  (if a group with fewer seeds overtakes it, that group runs the rest, until the best has them all);
+  if that moves plain's best lr, one-rank DiLoCo's outer settings run again at the new lr.
 """
 
 from __future__ import annotations

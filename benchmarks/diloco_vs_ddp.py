@@ -119,9 +119,16 @@ def protocol(cfg: Config, data: Path, args: argparse.Namespace,
         for method, ranks in (("ddp", n), ("diloco", n), ("plain", 1), ("diloco", 1)):
             run(grid.reseeded(results, method, ranks, args.top, seed))
     groups = [("ddp", n), ("diloco", n)] + ([] if args.no_one_rank else [("plain", 1), ("diloco", 1)])
-    while todo := [s for method, ranks in groups for s in grid.missing_seeds(results, method, ranks, args.seeds)]:
+    while True:
+        todo = [s for method, ranks in groups for s in grid.missing_seeds(results, method, ranks, args.seeds)]
+        plain = grid.best_spec(results, "plain", 1)
+        if plain is not None and not any(r.spec.method == "diloco" and r.spec.ranks == 1 and r.spec.lr == plain.lr
+                                         for r in results):
+            # The seeds moved plain's best lr: one-rank DiLoCo is compared at the lr plain ends with.
+            todo += grid.diloco_specs(1, [plain.lr], grid.OUTER, s0, args.h, "float32")
+        if not todo:
+            return results
         run(todo)
-    return results
 
 
 # -- the check against real ranks ------------------------------------------------------------------
