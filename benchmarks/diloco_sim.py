@@ -225,15 +225,17 @@ def simulate(base: Config, data_dir: Path, spec: SimSpec, *, steps: int, eval_ev
     scorer = build_model(cfg.model, seq, cfg.run.seed)
     scorer.eval()
     score = mx.compile(partial(loss_fn, scorer), inputs=scorer.state)
-    windows = [(mx.array(x), mx.array(y)) for x, y in
-               val_batches(data_dir / "val.bin", seq, t.batch_size, max(eval_batches, score_batches))]
+    # Each set spread evenly over the whole validation file (a prefix of the larger set would cover only its start).
+    val = data_dir / "val.bin"
+    windows = {count: [(mx.array(x), mx.array(y)) for x, y in val_batches(val, seq, t.batch_size, count)]
+               for count in {eval_batches, score_batches}}
 
     def evaluate(count: int) -> float:
         if spec.method == "diloco":
             flat.put(scorer, theta)
         else:
             scorer.update(models[0].trainable_parameters())
-        return float(mx.mean(mx.stack([score(x, y) for x, y in windows[:count]])).item())
+        return float(mx.mean(mx.stack([score(x, y) for x, y in windows[count]])).item())
 
     ddp_bytes = step_bytes_ddp(params, spec.ranks) if spec.method == "ddp" else 0
     diloco_bytes = round_bytes_diloco(params, spec.ranks, spec.fmt) if spec.method == "diloco" else 0
