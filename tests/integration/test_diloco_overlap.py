@@ -199,7 +199,9 @@ strategy.after_step(model, None, 2, last=True)
 @pytest.mark.parametrize("dtype", ["float32", "int4"])  # int4: hops driven from Python, on the courier thread
 def test_the_exchange_runs_while_the_next_round_computes(tmp_path: Path, dtype: str) -> None:
     """The exchange runs on its own thread and MLX stream: a late peer holds up the exchange, not the steps."""
-    delay, compute = 1.5, 3.0
+    # Long enough that a stalled step (one lap lasting about `delay`) stands clear of a lap slowed by a busy
+    # machine (1.3 s seen at load 15 with delay 1.5).
+    delay, compute = 3.0, 6.0
     for code, output in finish(start_ranks(CONCURRENT, [str(delay), str(compute), dtype], tmp_path, 2)):
         assert code == 0, output
     rep = json.loads((tmp_path / "concurrent0.json").read_text())
