@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from distributed.compress import EXCHANGE_DTYPES, ExchangeState, exchange, ring_bytes, ring_sum_bytes
+from distributed.compress import EXCHANGE_DTYPES, ExchangeState, exchange, ring_sum_bytes
 from distributed.config import StrategyConfig
 from distributed.errors import CheckpointError, TrainingError
 from distributed.progress import PROGRESS
@@ -156,16 +156,20 @@ class DiLoCoStrategy(Strategy):
                    stop: bool = False) -> bool:
         if not (step % self.inner_steps == 0 or last):
             return False
-        agreed = stop
-        if self.group is not None and self.world_size > 1:
-            # Every rank votes at every round boundary (4 bytes, once per H steps), so a stop asked of some
-            # ranks mid-round happens on all of them after the same round.
-            PROGRESS.maybe_skip(self.rank, step, "the DiLoCo stop vote")
-            PROGRESS.enter(f"DiLoCo stop vote after step {step}")
-            votes = mx.distributed.all_sum(mx.array([1.0 if stop else 0.0]), group=self.group)
-            agreed = bool(votes.item() > 0)
-            self.bytes_sent += ring_bytes(4, self.world_size)
+        agreed = self._stop_vote(step, stop)
         self.sync(model, optimizer, step)
+        return agreed
+
+    def _stop_vote(self, step: int, stop: bool) -> bool:
+        """Every rank votes at every round boundary (one float, once per H steps), so a stop asked of some ranks
+        mid-round happens on all of them after the same round. True when any rank asked to stop."""
+        if self.group is None or self.world_size <= 1:
+            return stop
+        PROGRESS.maybe_skip(self.rank, step, "the DiLoCo stop vote")
+        PROGRESS.enter(f"DiLoCo stop vote after step {step}")
+        votes = mx.distributed.all_sum(mx.array([1.0 if stop else 0.0]), group=self.group)
+        agreed = bool(votes.item() > 0)
+        self.bytes_sent += ring_sum_bytes(1, 4, self.world_size, self.rank)
         return agreed
 
     def sync(self, model: nn.Module, optimizer: Any, step: int) -> None:

@@ -67,7 +67,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from distributed.compress import Exchanged, exchange, ring_bytes
+from distributed.compress import Exchanged, exchange, ring_sum_bytes
 from distributed.diloco import GROUP, DiLoCoStrategy, _reset_nonfinite_moments, outer_step
 from distributed.errors import TrainingError
 from distributed.progress import PROGRESS
@@ -107,7 +107,7 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
         if self.group is not None and world_size > 1:  # only rank 0 read the checkpoint
             flag = mx.distributed.all_sum(mx.array([1.0 if inflight and rank == 0 else 0.0]), group=self.group)
             inflight = bool(flag.item() > 0)
-            self.bytes_sent += ring_bytes(4, world_size)
+            self.bytes_sent += ring_sum_bytes(1, 4, world_size, rank)
         self._anchor = self._flatten(model)
         self._sent, self._resubmit = None, inflight
         if inflight:
@@ -160,13 +160,7 @@ class OverlapDiLoCoStrategy(DiLoCoStrategy):
         if self._check_due is not None:
             due, self._check_due = self._check_due, None
             super().check_replicas(model, due)
-        agreed = stop
-        if self.group is not None and self.world_size > 1:
-            PROGRESS.maybe_skip(self.rank, step, "the DiLoCo stop vote")
-            PROGRESS.enter(f"DiLoCo stop vote after step {step}")
-            votes = mx.distributed.all_sum(mx.array([1.0 if stop else 0.0]), group=self.group)
-            agreed = bool(votes.item() > 0)
-            self.bytes_sent += ring_bytes(4, self.world_size)
+        agreed = self._stop_vote(step, stop)
         self.sync(model, optimizer, step, final=last or agreed)
         return agreed
 

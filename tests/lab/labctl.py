@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--hosts", type=int, default=3, help="number of emulated hosts (default 3)")
     up.add_argument("--no-thunderbolt", action="store_true", help="Wi-Fi only, no thunderbolt links")
     up.add_argument("--neutral", action="store_true",
-                    help="thunderbolt links up but without IPv4, like cabled Macs before `macrun hosts setup-thunderbolt`")
+                    help="thunderbolt links up without IPv4, like cabled Macs before `macrun hosts setup-thunderbolt`")
     up.add_argument("--mdns", action="store_true",
                     help="announce hosts over mDNS (like Macs with Remote Login)")
     up.add_argument("--wifi-rate", default="200mbit", help="shared Wi-Fi rate (tc syntax, default 200mbit)")
