@@ -8,10 +8,14 @@ arXiv:2311.08105, Algorithm 1. Per round t, with global parameters theta (identi
     outer step:    theta <- OuterSGD(theta, Delta)  (Nesterov momentum, outer_lr 0.7, momentum 0.9 in the paper)
     every rank:    theta_r <- theta
 
+macrun's config defaults to outer_lr 1.0 with momentum 0 (plain averaging of the replicas' progress): it won
+over the paper's setting at up to 50 outer rounds (benchmarks/diloco_vs_ddp.py); this class keeps the
+paper's values as its own defaults for callers that build it directly.
+
 The exchange is the only communication: one collective every H steps instead of one every step. The outer
 state (theta and the momentum buffer) is replicated: every rank applies the same update to the same
 numbers, so it needs no second broadcast. Each round boundary is also where the ranks agree to stop
-(a 4-byte vote), so a graceful stop always lands on a synced state. Wire formats (float32, bf16/fp16, int8,
+(a one-float vote), so a graceful stop always lands on a synced state. Wire formats (float32, bf16/fp16, int8,
 int4, int2) are in `distributed.compress`.
 
 Checkpoints hold the outer state and the round counter (group "diloco"); a resumed run restarts the
