@@ -120,12 +120,13 @@ class StrategyConfig:
                           "in 10, 20, 50, 100, 200, 500 whose exchange, measured at start, stays under 10% of a "
                           "round's compute, at most train.steps/10 (distributed/costmodel.py; 100 where nothing can "
                           "be measured).", min=0)
-    outer_lr: float = _f(1.0, "DiLoCo: outer learning rate. 1.0 with outer_momentum 0 is plain averaging of the "
-                         "replicas' progress, which won at up to 50 outer rounds (benchmarks/diloco_vs_ddp.py, "
-                         "wifi_time_to_loss.py); for runs of hundreds of rounds the paper's 0.7 with Nesterov 0.9.",
-                         gt=0.0, max=10.0)
-    outer_momentum: float = _f(0.0, "DiLoCo: outer momentum (Nesterov when strategy.nesterov); see outer_lr.",
-                               min=0.0, max=0.999999)
+    outer_lr: float = _f(0.0, "DiLoCo: outer learning rate; 0 = chosen by H (distributed/diloco.py, "
+                         "default_outer_step): plain averaging (1.0, momentum 0) for H < 20, the Nesterov step "
+                         "(0.3, momentum 0.9) from H = 20: what won each regime in benchmarks/diloco_vs_ddp.py "
+                         "(H=5 and H=27, 50 rounds). Set it (with outer_momentum) to fix the outer step yourself.",
+                         min=0.0, max=10.0)
+    outer_momentum: float = _f(0.9, "DiLoCo: outer momentum (Nesterov when strategy.nesterov), used when outer_lr "
+                               "is set; the paper's is 0.9 with outer_lr 0.7.", min=0.0, max=0.999999)
     nesterov: bool = _f(True, "DiLoCo: use Nesterov momentum in the outer step.")
     exchange_dtype: str = _f("float32", "DiLoCo: wire format of the pseudo-gradient exchange; bytes per rank per "
                              "round at 4 ranks, P parameters: float32 6P, bfloat16/float16 3P, int8 1.52P, "

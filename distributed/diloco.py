@@ -8,9 +8,8 @@ arXiv:2311.08105, Algorithm 1. Per round t, with global parameters theta (identi
     outer step:    theta <- OuterSGD(theta, Delta)  (Nesterov momentum, outer_lr 0.7, momentum 0.9 in the paper)
     every rank:    theta_r <- theta
 
-macrun's config defaults to outer_lr 1.0 with momentum 0 (plain averaging of the replicas' progress): it won
-over the paper's setting at up to 50 outer rounds (benchmarks/diloco_vs_ddp.py); this class keeps the
-paper's values as its own defaults for callers that build it directly.
+macrun's config chooses the outer step by H unless the user sets it (`default_outer_step`); this class keeps
+the paper's values as its own defaults for callers that build it directly.
 
 The exchange is the only communication: one collective every H steps instead of one every step. The outer
 state (theta and the momentum buffer) is replicated: every rank applies the same update to the same
@@ -57,6 +56,24 @@ def outer_step(params: mx.array, momentum: mx.array, delta: mx.array, *, lr: flo
     return params - lr * update, v
 
 
+# The outer step when strategy.outer_lr is 0: chosen by H, from benchmarks/diloco_vs_ddp.py's fair protocol
+# (mini GPT, 4 ranks, 50 rounds, equal tokens, each setting's inner lr tuned; runs/bench/diloco_fair*.json):
+#   H=5:  plain averaging (1.0, 0) 2.270 val loss; Nesterov 0.9 at lr 0.3 2.499, 0.5 2.670, 0.7 2.769.
+#   H=27: Nesterov 0.9 at lr 0.3 1.748 (two seeds: 1.752); 0.5 1.801; 0.7 1.902; plain averaging 2.086.
+# benchmarks/wifi_time_to_loss.py (lab Wi-Fi, H=10) agrees at the small end: plain averaging reached DDP's
+# loss in 1.20x DDP's steps, Nesterov 0.5/0.9 in 1.56x, 0.7/0.9 in 2.27x. The crossover lies between H=10
+# and H=27; 20 splits it. Few short rounds gain little from momentum and overshoot with it; long rounds drift
+# apart, and averaging alone undershoots.
+OUTER_MOMENTUM_FROM_H = 20
+PLAIN_AVERAGING = (1.0, 0.0)
+NESTEROV_STEP = (0.3, 0.9)
+
+
+def default_outer_step(inner_steps: int) -> tuple[float, float]:
+    """(outer lr, outer momentum) for H = `inner_steps` when strategy.outer_lr is 0 (see the table above)."""
+    return NESTEROV_STEP if inner_steps >= OUTER_MOMENTUM_FROM_H else PLAIN_AVERAGING
+
+
 class DiLoCoStrategy(Strategy):
     """DiLoCo (arXiv:2311.08105) over `mx.distributed`: an outer step every `inner_steps` steps and at the end."""
 
@@ -89,7 +106,8 @@ class DiLoCoStrategy(Strategy):
             from distributed.diloco_overlap import OverlapDiLoCoStrategy
 
             cls = OverlapDiLoCoStrategy
-        return cls(group, inner_steps=cfg.inner_steps, outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
+        lr, mu = (cfg.outer_lr, cfg.outer_momentum) if cfg.outer_lr > 0 else default_outer_step(cfg.inner_steps)
+        return cls(group, inner_steps=cfg.inner_steps, outer_lr=lr, outer_momentum=mu,
                    nesterov=cfg.nesterov, exchange_dtype=cfg.exchange_dtype, log=log)
 
     # -- flat views of the trainable parameters ------------------------------------------------
