@@ -12,7 +12,8 @@ lost, and what it does then cannot be saved: such a restart redoes those steps t
 What must hold: every step is done; every restart resumed from the checkpoint its event names; no job
 process is left on any host; the final validation loss is within 5% of a fault-free run of the same
 config and seed (run first, in the same test). DDP throughout (strategy.mode=ddp), over the cables or the
-network as the ring falls, so the two runs differ only by the faults. Bounded: at most 15 minutes.
+network as the ring falls, so the two runs differ only by the faults. Bounded: the run with the faults
+at most 15 minutes (the fault-free reference before it at most 8).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from tests.lab.faults import FAULT_KINDS, Fault, FaultSchedule, link_down, link_
 from tests.lab.labnet import Lab, wait_until
 from tests.lab.scripts.macrun_proc import MacrunProcess
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1440)  # about 10 min on a quiet 2-core box; room for a busy one
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED, FAULTS, STEPS = 11, 20, 1600
+SOAK_BOUND_S = 900  # the run with the faults, from its start to its end
 CONFIG = ["model.size=tiny", "data.max_bytes=200000", "data.seq_len=32", "train.warmup_steps=20",
           f"train.steps={STEPS}", "train.log_interval=10", "train.eval_interval=0", "train.checkpoint_interval=20",
           "train.keep_checkpoints=3", "strategy.mode=ddp", "fault.max_restarts=40", "fault.progress_timeout=5",
@@ -70,7 +72,7 @@ def test_twenty_faults_in_one_run_lose_nothing_and_leave_nothing(lab: Lab, tmp_p
     began = time.monotonic()
     reference = start(lab, tmp_path, "calm")
     try:
-        assert reference.finish(timeout=300) == 0, reference.stdout + reference.stderr
+        assert reference.finish(timeout=480) == 0, reference.stdout + reference.stderr
     finally:
         reference.kill()
     calm = DONE.search(reference.stdout)
@@ -78,6 +80,8 @@ def test_twenty_faults_in_one_run_lose_nothing_and_leave_nothing(lab: Lab, tmp_p
 
     plan = no_adjacent_cables(FaultSchedule(seed=SEED, count=FAULTS, kinds=FAULT_KINDS, hosts=(0, 1, 2),
                                             min_delay_s=1.0, max_delay_s=3.0).faults())
+    soak_began = time.monotonic()
+    calm_s = soak_began - began
     run = start(lab, tmp_path, "soak")
     injected: list[tuple[str, str, float]] = []
     down: list[tuple[int, str]] = []  # links to bring back
@@ -119,7 +123,7 @@ def test_twenty_faults_in_one_run_lose_nothing_and_leave_nothing(lab: Lab, tmp_p
             for index, iface in down:  # the run has moved on: the cable or the Wi-Fi comes back
                 link_up(lab, lab.hosts[index], iface)
             down.clear()
-        code = run.finish(timeout=max(60.0, 870 - (time.monotonic() - began)))
+        code = run.finish(timeout=max(60.0, SOAK_BOUND_S - (time.monotonic() - soak_began)))
     finally:
         for index, iface in down:
             link_up(lab, lab.hosts[index], iface)
@@ -132,7 +136,8 @@ def test_twenty_faults_in_one_run_lose_nothing_and_leave_nothing(lab: Lab, tmp_p
     print("causes detected: " + ", ".join(f"{e['cause']} {e.get('host')} after {e.get('detected_after_s') or 0:.1f} s"
                                           for e in faults))
     print(f"restarts: {len(restarts)} ({sum(e['planned'] for e in restarts)} planned), steps redone: "
-          f"{sum(e['steps_redone'] or 0 for e in restarts)}, wall {time.monotonic() - began:.0f} s")
+          f"{sum(e['steps_redone'] or 0 for e in restarts)}, fault-free run {calm_s:.0f} s, "
+          f"run with faults {time.monotonic() - soak_began:.0f} s")
     assert code == 0, out[-6000:] + run.stderr
     assert len(injected) == FAULTS and len(faults) >= FAULTS
     # Every resume started from the checkpoint its restart event names.
