@@ -143,7 +143,12 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
         if cfg.strategy.inner_steps == AUTO_INNER_STEPS and "H=" not in reason:
             reason += f", H={h} (strategy.inner_steps 0 = auto, nothing measured)"
         chosen = dataclasses.replace(cfg.strategy, inner_steps=h)
-        return DiLoCoStrategy.from_config(group, chosen, log=lambda m: print(m, flush=True)), reason
+        diloco = DiLoCoStrategy.from_config(group, chosen, log=lambda m: print(m, flush=True))
+        if cfg.strategy.outer_lr == 0:  # chosen by H: say which, so a user can set it otherwise
+            kind = "plain averaging" if diloco.outer_momentum == 0 else "Nesterov"
+            reason += (f"\nouter step: {kind} (lr {diloco.outer_lr:g}, momentum {diloco.outer_momentum:g}), "
+                       f"chosen for H={h} (strategy.outer_lr 0)")
+        return diloco, reason
     strategy = DDPStrategy(group)
     if cfg.strategy.balance == "auto" and env.local_world_size == env.world_size and seconds is None:
         # Every rank on this host (the env contract says so): they share its processor, nothing to balance,
