@@ -156,13 +156,15 @@ class DiLoCoStrategy(Strategy):
         self.momentum = mx.zeros_like(self.params) if momentum is None else momentum
         self.exchange_state.rank = rank
         if self.group is not None and world_size > 1:
-            # Only rank 0 reads the checkpoint, and its momentum is the one that counts. One float says whether
-            # it restored one; only then is it sent (float32, the others adding zeros: exact). A fresh start
-            # sends no zeros around (that was 2(n-1)/n x 4P bytes).
-            restored = mx.distributed.all_sum(mx.array([1.0 if rank == 0 and momentum is not None else 0.0]),
-                                              group=self.group)
-            self.bytes_sent += ring_sum_bytes(1, 4, world_size, rank)
-            if restored.item() > 0:
+            # Only rank 0 reads the checkpoint, and its momentum is the one that counts. Two floats say whether
+            # it restored one and at which round (so every rank counts rounds alike); only then is the momentum
+            # sent (float32, the others adding zeros: exact). A fresh start sends no zeros around (that was
+            # 2(n-1)/n x 4P bytes).
+            mine = [1.0 if momentum is not None else 0.0, float(self.rounds)] if rank == 0 else [0.0, 0.0]
+            restored, rounds = mx.distributed.all_sum(mx.array(mine), group=self.group).tolist()
+            self.bytes_sent += ring_sum_bytes(2, 4, world_size, rank)
+            self.rounds = round(rounds)
+            if restored > 0:
                 self.momentum = mx.distributed.all_sum(self.momentum if rank == 0 else mx.zeros_like(self.momentum),
                                                        group=self.group)
                 self.bytes_sent += ring_sum_bytes(self.momentum.size, 4, world_size, rank)

@@ -147,6 +147,7 @@ def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path: Path, data_dir: 
     resumed, outputs = run(tmp_path / "parts", data_dir, resume=True)
     assert f"(step {2 * H})" in outputs[0]
     assert [r["rounds"] for r in resumed[0]["rounds"]] == [2, 4]
+    assert [r["rounds"] for r in resumed[1]["rounds"]] == [2, 4]  # rank 1 learns the round from rank 0
     for r in (0, 1):
         assert resumed[r]["final_hash"] == whole[r]["final_hash"]
         assert resumed[r]["loss"] == whole[r]["loss"]
