@@ -120,10 +120,10 @@ class StrategyConfig:
                           "in 10, 20, 50, 100, 200, 500 whose exchange, measured at start, stays under 10% of a "
                           "round's compute, at most train.steps/10 (distributed/costmodel.py; 100 where nothing can "
                           "be measured).", min=0)
-    outer_lr: float = _f(0.0, "DiLoCo: outer learning rate; 0 = chosen by H (distributed/diloco.py, "
-                         "default_outer_step): plain averaging (1.0, momentum 0) for H < 20, the Nesterov step "
-                         "(0.3, momentum 0.9) from H = 20: what won each regime in benchmarks/diloco_vs_ddp.py "
-                         "(H=5 and H=27, 50 rounds). Set it (with outer_momentum) to fix the outer step yourself.",
+    outer_lr: float = _f(0.0, "DiLoCo: outer learning rate; 0 = chosen by H and the number of rounds "
+                         "(distributed/diloco.py, default_outer_step): Nesterov (0.3, momentum 0.9) when H >= 20 "
+                         "and the run has >= 30 rounds, otherwise plain averaging (1.0, momentum 0): what won each "
+                         "regime measured in benchmarks/diloco_vs_ddp.py. Set it (with outer_momentum) to fix it.",
                          min=0.0, max=10.0)
     outer_momentum: float = _f(0.9, "DiLoCo: outer momentum (Nesterov when strategy.nesterov), used when outer_lr "
                                "is set; the paper's is 0.9 with outer_lr 0.7.", min=0.0, max=0.999999)

@@ -56,22 +56,26 @@ def outer_step(params: mx.array, momentum: mx.array, delta: mx.array, *, lr: flo
     return params - lr * update, v
 
 
-# The outer step when strategy.outer_lr is 0: chosen by H, from benchmarks/diloco_vs_ddp.py's fair protocol
-# (mini GPT, 4 ranks, 50 rounds, equal tokens, each setting's inner lr tuned; runs/bench/diloco_fair*.json):
-#   H=5:  plain averaging (1.0, 0) 2.270 val loss; Nesterov 0.9 at lr 0.3 2.499, 0.5 2.670, 0.7 2.769.
-#   H=27: Nesterov 0.9 at lr 0.3 1.748 (two seeds: 1.752); 0.5 1.801; 0.7 1.902; plain averaging 2.086.
-# benchmarks/wifi_time_to_loss.py (lab Wi-Fi, H=10) agrees at the small end: plain averaging reached DDP's
-# loss in 1.20x DDP's steps, Nesterov 0.5/0.9 in 1.56x, 0.7/0.9 in 2.27x. The crossover lies between H=10
-# and H=27; 20 splits it. Few short rounds gain little from momentum and overshoot with it; long rounds drift
-# apart, and averaging alone undershoots.
-OUTER_MOMENTUM_FROM_H = 20
+# The outer step when strategy.outer_lr is 0: chosen by H and the number of rounds, from benchmarks/
+# diloco_vs_ddp.py's fair protocol (mini GPT, 4 ranks, equal tokens; runs/bench/diloco_*.json), validation loss:
+#   H=5,  50 rounds: plain averaging (1.0, 0) 2.270; Nesterov 0.9 at lr 0.3 2.499, 0.5 2.670, 0.7 2.769.
+#   H=27, 50 rounds: Nesterov 0.9 at lr 0.3 1.748 (two seeds: 1.752), 0.5 1.801, 0.7 1.902; plain 2.086.
+#   H=50,  8 rounds: plain averaging 2.246; Nesterov 0.9 at lr 0.5 2.287, 0.3 2.341, 0.7 2.360.
+# benchmarks/wifi_time_to_loss.py (lab Wi-Fi, H=10, 12 rounds) agrees: plain averaging reached DDP's loss in
+# 1.20x DDP's steps, Nesterov 0.5/0.9 in 1.56x, 0.7/0.9 in 2.27x. So the momentum pays only when rounds are
+# both long (short ones are already an averaged step, which momentum overshoots) and many (its memory is
+# ~1/(1-0.9) = 10 rounds: a run of a few rounds is all transient). The thresholds sit between the points
+# measured: H >= 20 (between 10 and 27) and >= 30 rounds (between 12 and 50).
+NESTEROV_FROM_H, NESTEROV_FROM_ROUNDS = 20, 30
 PLAIN_AVERAGING = (1.0, 0.0)
 NESTEROV_STEP = (0.3, 0.9)
 
 
-def default_outer_step(inner_steps: int) -> tuple[float, float]:
-    """(outer lr, outer momentum) for H = `inner_steps` when strategy.outer_lr is 0 (see the table above)."""
-    return NESTEROV_STEP if inner_steps >= OUTER_MOMENTUM_FROM_H else PLAIN_AVERAGING
+def default_outer_step(inner_steps: int, rounds: int | None = None) -> tuple[float, float]:
+    """(outer lr, outer momentum) for H = `inner_steps` and a run of `rounds` outer rounds (None: many) when
+    strategy.outer_lr is 0 (see the table above)."""
+    many = rounds is None or rounds >= NESTEROV_FROM_ROUNDS
+    return NESTEROV_STEP if inner_steps >= NESTEROV_FROM_H and many else PLAIN_AVERAGING
 
 
 class DiLoCoStrategy(Strategy):
@@ -101,12 +105,16 @@ class DiLoCoStrategy(Strategy):
 
     @classmethod
     def from_config(cls, group: mx.distributed.Group | None, cfg: StrategyConfig, *,
-                    log: Callable[[str], None] = print) -> DiLoCoStrategy:
+                    log: Callable[[str], None] = print, steps: int | None = None) -> DiLoCoStrategy:
+        """The strategy `cfg` describes; `steps` (the run's train.steps) lets the outer step be chosen by H and
+        the number of rounds when strategy.outer_lr is 0."""
         if cfg.overlap and cls is DiLoCoStrategy:
             from distributed.diloco_overlap import OverlapDiLoCoStrategy
 
             cls = OverlapDiLoCoStrategy
-        lr, mu = (cfg.outer_lr, cfg.outer_momentum) if cfg.outer_lr > 0 else default_outer_step(cfg.inner_steps)
+        rounds = None if steps is None else -(-steps // cfg.inner_steps)
+        lr, mu = ((cfg.outer_lr, cfg.outer_momentum) if cfg.outer_lr > 0
+                  else default_outer_step(cfg.inner_steps, rounds))
         return cls(group, inner_steps=cfg.inner_steps, outer_lr=lr, outer_momentum=mu,
                    nesterov=cfg.nesterov, exchange_dtype=cfg.exchange_dtype, log=log)
 

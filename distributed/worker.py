@@ -118,7 +118,7 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
             from distributed.diloco import DiLoCoStrategy
 
             alone = dataclasses.replace(cfg.strategy, inner_steps=cfg.strategy.inner_steps or UNMEASURED_INNER_STEPS)
-            return (DiLoCoStrategy.from_config(None, alone, log=lambda m: print(m, flush=True)),
+            return (DiLoCoStrategy.from_config(None, alone, log=lambda m: print(m, flush=True), steps=cfg.train.steps),
                     "strategy.mode=diloco with one rank: the outer step only")
         return LocalStrategy(), "one rank: nothing to exchange"
     import mlx.core as mx
@@ -143,11 +143,11 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
         if cfg.strategy.inner_steps == AUTO_INNER_STEPS and "H=" not in reason:
             reason += f", H={h} (strategy.inner_steps 0 = auto, nothing measured)"
         chosen = dataclasses.replace(cfg.strategy, inner_steps=h)
-        diloco = DiLoCoStrategy.from_config(group, chosen, log=lambda m: print(m, flush=True))
+        diloco = DiLoCoStrategy.from_config(group, chosen, log=lambda m: print(m, flush=True), steps=cfg.train.steps)
         if cfg.strategy.outer_lr == 0:  # chosen by H: say which, so a user can set it otherwise
             kind = "plain averaging" if diloco.outer_momentum == 0 else "Nesterov"
             reason += (f"\nouter step: {kind} (lr {diloco.outer_lr:g}, momentum {diloco.outer_momentum:g}), "
-                       f"chosen for H={h} (strategy.outer_lr 0)")
+                       f"chosen for H={h} and {-(-cfg.train.steps // h)} rounds (strategy.outer_lr 0)")
         return diloco, reason
     strategy = DDPStrategy(group)
     if cfg.strategy.balance == "auto" and env.local_world_size == env.world_size and seconds is None:

@@ -179,7 +179,7 @@ def test_macrun_train_runs_diloco_end_to_end(tmp_path: Path, data_dir: Path) -> 
 
     config = tmp_path / "tiny.yaml"
     cfg = {**TINY, "run": {"name": "diloco", "output_dir": str(tmp_path / "runs")},
-           "strategy": {"mode": "diloco", "inner_steps": H, "exchange_dtype": "int8"}}  # outer step: by H
+           "strategy": {"mode": "diloco", "inner_steps": H, "exchange_dtype": "int8"}}  # outer: by H, rounds
     config.write_text(yaml.safe_dump(cfg))
     lines: list[str] = []
     _cfg, spec = plan_training(config, [], nproc=2, emit=lines.append)
@@ -187,7 +187,8 @@ def test_macrun_train_runs_diloco_end_to_end(tmp_path: Path, data_dir: Path) -> 
     text = "\n".join(lines)
     assert result.exit_code == 0, text
     assert "strategy diloco: strategy.mode=diloco" in text
-    assert f"outer step: plain averaging (lr 1, momentum 0), chosen for H={H} (strategy.outer_lr 0)" in text  # H < 20
+    assert (f"outer step: plain averaging (lr 1, momentum 0), chosen for H={H} and {ROUNDS} rounds "
+            "(strategy.outer_lr 0)") in text  # H < 20
     ckpt, _ = latest_checkpoint(tmp_path / "runs" / "diloco" / "checkpoints")
     assert ckpt is not None and ckpt.step == H * ROUNDS
     assert int(ckpt.groups["diloco"]["round"].item()) == ROUNDS

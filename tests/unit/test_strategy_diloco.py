@@ -162,12 +162,14 @@ def test_checkpoint_state_does_not_fit_another_model() -> None:
         other.setup(nn.Linear(4, 2), rank=0, world_size=1)
 
 
-def test_the_outer_step_is_chosen_by_h_unless_set() -> None:
-    def chosen(**kw: object) -> tuple[float, float]:
-        s = DiLoCoStrategy.from_config(None, StrategyConfig(**kw), log=quiet)  # type: ignore[arg-type]
+def test_the_outer_step_is_chosen_by_h_and_rounds_unless_set() -> None:
+    def chosen(steps: int | None = None, **kw: object) -> tuple[float, float]:
+        s = DiLoCoStrategy.from_config(None, StrategyConfig(**kw), log=quiet, steps=steps)  # type: ignore[arg-type]
         return s.outer_lr, s.outer_momentum
 
-    assert chosen(inner_steps=10) == (1.0, 0.0)  # short rounds: plain averaging
-    assert chosen(inner_steps=20) == chosen(inner_steps=500) == (0.3, 0.9)  # long rounds: the Nesterov step
+    assert chosen(inner_steps=10, steps=5000) == (1.0, 0.0)  # short rounds: plain averaging
+    assert chosen(inner_steps=20, steps=600) == chosen(inner_steps=500) == (0.3, 0.9)  # long and many: Nesterov
+    assert chosen(inner_steps=50, steps=400) == (1.0, 0.0)  # 8 rounds (the quickstart): too few for momentum
+    assert chosen(inner_steps=50, steps=1451) == (0.3, 0.9)  # 30 rounds, the last one short
     assert chosen(inner_steps=10, outer_lr=0.7) == (0.7, 0.9)  # set by the user: taken as given
-    assert chosen(inner_steps=50, outer_lr=1.0, outer_momentum=0.0) == (1.0, 0.0)
+    assert chosen(inner_steps=50, steps=5000, outer_lr=1.0, outer_momentum=0.0) == (1.0, 0.0)
