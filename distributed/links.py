@@ -90,19 +90,26 @@ class Link:
 # ---- listing (pure parts first) ----------------------------------------------------------------------
 
 
-def parse_ifconfig_status(text: str) -> dict[str, str]:
-    """macOS `ifconfig`: {interface: "active" | "inactive"} from each interface's `status:` line."""
-    status: dict[str, str] = {}
+def ifconfig_field(text: str, name: str) -> dict[str, str]:
+    """macOS `ifconfig`: {interface: the first word after `name`} from each interface's indented `name` line
+    (e.g. "status" -> "active", "ether" -> the MAC address)."""
+    found: dict[str, str] = {}
     current = None
+    pattern = re.compile(rf"^\s+{re.escape(name)}:? (\S+)")
     for line in text.splitlines():
         head = re.match(r"^([A-Za-z0-9_.\-]+): flags=", line)
         if head:
             current = head.group(1)
             continue
-        found = re.match(r"^\s+status: (\S+)", line)
-        if found and current is not None:
-            status[current] = found.group(1)
-    return status
+        value = pattern.match(line)
+        if value and current is not None and current not in found:
+            found[current] = value.group(1)
+    return found
+
+
+def parse_ifconfig_status(text: str) -> dict[str, str]:
+    """macOS `ifconfig`: {interface: "active" | "inactive"} from each interface's `status:` line."""
+    return ifconfig_field(text, "status")
 
 
 def links_from_macos(ifconfig_text: str, hardware_ports_text: str) -> list[Link]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from distributed import probe
-from distributed.links import parse_ifconfig_status
+from distributed.links import ifconfig_field, parse_ifconfig_status
 from launcher.rdma import ThunderboltPort, parse_thunderbolt
 
 MARK = "@@macrun:"
@@ -176,17 +176,8 @@ def ifaces_from_ifconfig(ifconfig_text: str, ports_text: str) -> list[NetIface]:
     """macOS `ifconfig -a` and `networksetup -listallhardwareports` -> interfaces, Thunderbolt ports marked."""
     parsed = probe.parse_ifconfig(ifconfig_text)
     ports = probe.parse_hardware_ports(ports_text)
-    macs: dict[str, str] = {}
-    current = None
-    for line in ifconfig_text.splitlines():
-        head = re.match(r"^([A-Za-z0-9_.\-]+): flags=", line)
-        if head:
-            current = head.group(1)
-        ether = re.match(r"^\s+ether\s+(\S+)", line)
-        if ether and current is not None:
-            mac = normalise_mac(ether.group(1))
-            if mac:
-                macs[current] = mac
+    macs = {name: mac for name, text in ifconfig_field(ifconfig_text, "ether").items()
+            if (mac := normalise_mac(text))}
     return [NetIface(name, macs.get(name), bool(i["up"]), tuple(i["ipv4"]),
                      re.fullmatch(r"Thunderbolt \d+", ports.get(name, "")) is not None,
                      members=tuple(i["members"])) for name, i in parsed.items()]
