@@ -109,8 +109,11 @@ class TrainConfig:
 
 @dataclass(kw_only=True, slots=True)
 class StrategyConfig:
-    mode: str = _f("auto", "How ranks combine their work: per-step allreduce (ddp), DiLoCo, or "
-                   "auto (chosen from measured step time and link speed).", choices=("auto", "ddp", "diloco"))
+    mode: str = _f("auto", "How ranks combine their work: per-step allreduce (ddp), DiLoCo, islands (DDP inside "
+                   "each group of Macs cabled by Thunderbolt, DiLoCo between the groups over the network; "
+                   "docs/islands.md), or auto (chosen from measured step time and link speed; islands when the "
+                   "launcher found them and the network calls for DiLoCo).",
+                   choices=("auto", "ddp", "diloco", "islands"))
     balance: str = _f("auto", "DDP with several ranks: auto times a step on every rank at start and splits each "
                       "step's global batch (ranks × train.batch_size) in shares proportional to the measured "
                       "speeds, so a fast Mac does not wait for a slow one (equal shares when all are within 10%; "

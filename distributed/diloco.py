@@ -225,7 +225,13 @@ class DiLoCoStrategy(Strategy):
         if self.valid_ranks == 0:
             raise TrainingError(f"every rank's pseudo-gradient has NaN/Inf at DiLoCo round {round_no} (step {step})",
                                 hint="lower train.lr, or strategy.inner_steps")
-        params, momentum = outer_step(self.params, self.momentum, total / self.valid_ranks, lr=self.outer_lr,
+        self._outer(model, optimizer, total / self.valid_ranks, round_no, step, valid)
+
+    def _outer(self, model: nn.Module, optimizer: Any, mean: mx.array, round_no: int, step: int,
+               valid: bool) -> None:
+        """The outer step on the averaged pseudo-gradient `mean`; the local weights become theta."""
+        assert self.params is not None and self.momentum is not None
+        params, momentum = outer_step(self.params, self.momentum, mean, lr=self.outer_lr,
                                       mu=self.outer_momentum, nesterov=self.nesterov)
         if not bool(mx.all(mx.isfinite(params)).item()):
             raise TrainingError(f"the DiLoCo outer step at round {round_no} (step {step}) gave NaN/Inf weights",

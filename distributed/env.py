@@ -12,6 +12,12 @@ and, for jaccl-ring, MLX_JACCL_RING=1; and *no* MLX_HOSTFILE, because `mx.distri
 ring first whenever MLX_HOSTFILE is set. The ring hostfile, which macrun's worker still uses to probe the
 TCP links, moves to MACRUN_HOSTFILE; MACRUN_BACKEND names the backend, and macrun's own ranks call
 `mx.distributed.init(backend=env.mlx_backend)`.
+
+Thunderbolt islands (docs/islands.md, distributed/islands.py): when the launcher found cabled groups of Macs
+in a room that otherwise talks over the network, every rank also gets MACRUN_ISLANDS (how many islands),
+MACRUN_ISLAND_RANK and MACRUN_ISLAND_SIZE (its place in its island), MACRUN_ISLAND_HOSTFILE (its island's
+ring over the cables; unset for an island of one rank) and, on each island's leader, MACRUN_LEADER_RANK and
+MACRUN_LEADERS_HOSTFILE (the leaders' ring over the network). MLX_RANK/MLX_HOSTFILE stay the whole world's.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ class RankEnv:
     backend: str = "ring"  # MACRUN_BACKEND: "ring" | "jaccl" | "jaccl-ring"
     jaccl_coordinator: str | None = None  # MLX_JACCL_COORDINATOR, "ip:port" of rank 0 (jaccl only)
     ibv_devices: str | None = None  # MLX_IBV_DEVICES: path of the JSON device matrix (jaccl only)
+    islands: int = 0  # MACRUN_ISLANDS: islands in the launcher's island plan; 0 = none offered
+    island_rank: int = 0  # MACRUN_ISLAND_RANK: this rank's place in its island's ring
+    island_size: int = 1  # MACRUN_ISLAND_SIZE
+    island_hostfile: str | None = None  # MACRUN_ISLAND_HOSTFILE: the island's ring (islands of 2+ ranks)
+    leader_rank: int | None = None  # MACRUN_LEADER_RANK: this island's place in the leaders' ring (leaders only)
+    leaders_hostfile: str | None = None  # MACRUN_LEADERS_HOSTFILE (leaders only)
 
     @property
     def mlx_backend(self) -> str:
@@ -67,6 +79,13 @@ class RankEnv:
             "MACRUN_STORE_ADDR": self.store_addr or self.master_addr,
             "MACRUN_STORE_PORT": str(self.store_port if self.store_port is not None else self.master_port),
         }
+        if self.islands:
+            env.update(MACRUN_ISLANDS=str(self.islands), MACRUN_ISLAND_RANK=str(self.island_rank),
+                       MACRUN_ISLAND_SIZE=str(self.island_size))
+            if self.island_hostfile:
+                env["MACRUN_ISLAND_HOSTFILE"] = self.island_hostfile
+            if self.leader_rank is not None and self.leaders_hostfile:
+                env.update(MACRUN_LEADER_RANK=str(self.leader_rank), MACRUN_LEADERS_HOSTFILE=self.leaders_hostfile)
         if self.backend == "ring":
             if self.mlx_hostfile:
                 env["MLX_HOSTFILE"] = self.mlx_hostfile
@@ -117,6 +136,17 @@ class RankEnv:
             raise EnvContractError(f"MACRUN_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
         jaccl = backend != "ring"
         master_port = number("MASTER_PORT", 1)
+        islands = number("MACRUN_ISLANDS") if e.get("MACRUN_ISLANDS") else 0
+        island_rank, island_size = (number("MACRUN_ISLAND_RANK"), number("MACRUN_ISLAND_SIZE", 1)) if islands \
+            else (0, 1)
+        if island_rank >= island_size:
+            raise EnvContractError(f"MACRUN_ISLAND_RANK={island_rank} is not below MACRUN_ISLAND_SIZE={island_size}")
+        if islands and island_size > 1 and not e.get("MACRUN_ISLAND_HOSTFILE"):
+            need("MACRUN_ISLAND_HOSTFILE")
+        leader = islands > 0 and island_rank == 0
+        leader_rank = number("MACRUN_LEADER_RANK") if leader else None
+        if leader_rank is not None and leader_rank >= islands:
+            raise EnvContractError(f"MACRUN_LEADER_RANK={leader_rank} is not below MACRUN_ISLANDS={islands}")
         store_port = int(e["MACRUN_STORE_PORT"]) if e.get("MACRUN_STORE_PORT") else master_port
         return cls(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
                    master_addr=need("MASTER_ADDR"), master_port=master_port,
@@ -124,4 +154,7 @@ class RankEnv:
                    mlx_hostfile=e.get("MACRUN_HOSTFILE" if jaccl else "MLX_HOSTFILE") or None,
                    store_addr=e.get("MACRUN_STORE_ADDR") or None, store_port=store_port, backend=backend,
                    jaccl_coordinator=need("MLX_JACCL_COORDINATOR") if jaccl else None,
-                   ibv_devices=need("MLX_IBV_DEVICES") if jaccl else None)
+                   ibv_devices=need("MLX_IBV_DEVICES") if jaccl else None, islands=islands,
+                   island_rank=island_rank, island_size=island_size,
+                   island_hostfile=e.get("MACRUN_ISLAND_HOSTFILE") if island_size > 1 else None,
+                   leader_rank=leader_rank, leaders_hostfile=need("MACRUN_LEADERS_HOSTFILE") if leader else None)

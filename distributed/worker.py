@@ -123,27 +123,54 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
         return LocalStrategy(), "one rank: nothing to exchange"
     import mlx.core as mx
 
-    group = mx.distributed.init(backend=env.mlx_backend, strict=True)  # "jaccl" when the launcher chose it
+    groups = None  # the rings of a Thunderbolt island plan (distributed/islands.py), when the launcher made one
+    if env.islands >= 2 and env.mlx_backend == "ring":
+        from distributed.islands import open_groups
+
+        groups = open_groups(env)
+        group = groups.world
+    else:
+        group = mx.distributed.init(backend=env.mlx_backend, strict=True)  # "jaccl" when the launcher chose it
     mode = cfg.strategy.mode
     reason = f"strategy.mode={mode}"
+    if mode == "islands" and groups is None:  # one island (all cabled) is DDP; islands of one Mac each, DiLoCo
+        mode = "ddp" if env.link == "thunderbolt" else "diloco"
+        reason += (f", but the launcher found no Thunderbolt islands beside hosts on the network (the ring runs over "
+                   f"{'Thunderbolt' if env.link == 'thunderbolt' else 'the network'}) → {mode}")
     seconds = None  # this rank's timed step, shared by auto mode and balancing
     h = cfg.strategy.inner_steps or UNMEASURED_INNER_STEPS  # 0 = auto: chosen below when it can be measured
     measurable = client is not None and bool(env.mlx_hostfile)
-    if mode == "auto" or (mode == "diloco" and cfg.strategy.inner_steps == AUTO_INNER_STEPS and measurable):
+    rounds_based = mode in ("diloco", "islands")
+    if mode == "auto" or (rounds_based and cfg.strategy.inner_steps == AUTO_INNER_STEPS and measurable):
         if measurable:
             seconds = measure_step_seconds(cfg, task=task, group=group)
-            mode, reason, h = decide_auto(cfg, env, group, client, task, step_seconds=seconds, mode=mode)
-            reason = reason if cfg.strategy.mode == "auto" else reason.removeprefix("auto: ")
+            asked = "diloco" if rounds_based else mode
+            decided, why, h = decide_auto(cfg, env, group, client, task, step_seconds=seconds, mode=asked)
+            mode = decided if mode == "auto" else mode
+            reason = why if cfg.strategy.mode == "auto" else f"{reason}, {why.removeprefix('auto: ')}"
         else:  # started by hand without the launcher's rendezvous: the link's kind decides
             mode = "diloco" if env.link == "network" else "ddp"
             reason = f"auto: {env.link} link, not measured (no rendezvous) → {mode}"
-    if mode == "diloco":
+        if cfg.strategy.mode == "auto" and mode == "diloco" and groups is not None:
+            mode = "islands"
+            reason += (f"\nislands: {groups.islands} Thunderbolt islands: DDP over the cables inside each, DiLoCo "
+                       "between them over the network (strategy.mode diloco keeps every Mac its own DiLoCo worker)")
+    if mode in ("diloco", "islands"):
         from distributed.diloco import DiLoCoStrategy
 
         if cfg.strategy.inner_steps == AUTO_INNER_STEPS and "H=" not in reason:
             reason += f", H={h} (strategy.inner_steps 0 = auto, nothing measured)"
         chosen = dataclasses.replace(cfg.strategy, inner_steps=h)
-        diloco = DiLoCoStrategy.from_config(group, chosen, log=lambda m: print(m, flush=True), steps=cfg.train.steps)
+        if mode == "islands":
+            from distributed.islands import IslandStrategy
+
+            if cfg.strategy.overlap:
+                reason += "\nstrategy.overlap is not available with islands: each exchange is waited for"
+            diloco = IslandStrategy.from_config(groups, dataclasses.replace(chosen, overlap=False),
+                                                log=lambda m: print(m, flush=True), steps=cfg.train.steps)
+        else:
+            diloco = DiLoCoStrategy.from_config(group, chosen, log=lambda m: print(m, flush=True),
+                                                steps=cfg.train.steps)
         if cfg.strategy.outer_lr == 0:  # chosen by H: say which, so a user can set it otherwise
             kind = "plain averaging" if diloco.outer_momentum == 0 else "Nesterov"
             reason += (f"\nouter step: {kind} (lr {diloco.outer_lr:g}, momentum {diloco.outer_momentum:g}), "
