@@ -153,8 +153,8 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
             reason = f"auto: {env.link} link, not measured (no rendezvous) → {mode}"
         if cfg.strategy.mode == "auto" and mode == "diloco" and groups is not None:
             mode = "islands"
-            reason += (f"\nislands: {groups.islands} Thunderbolt islands: DDP over the cables inside each, DiLoCo "
-                       "between them over the network (strategy.mode diloco keeps every Mac its own DiLoCo worker)")
+            reason += (f"\nislands: DDP over the cables inside each island, DiLoCo between the {groups.islands} "
+                       "islands over the network (strategy.mode diloco makes every Mac its own DiLoCo worker)")
     if mode in ("diloco", "islands"):
         from distributed.diloco import DiLoCoStrategy
 

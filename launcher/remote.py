@@ -20,6 +20,7 @@ from distributed.links import Link
 from distributed.store import new_secret
 from distributed.store_server import StoreServer
 from distributed.topology import RingHost, RingPlan, plan_ring
+from distributed.topology_islands import IslandPlan, plan_islands
 from launcher.api import PACKAGE_DIR, LaunchSpec, host_argv, linux_rank_env, ring_hostfile, watch_for
 from launcher.backend import BackendChoice, BackendHost, choose_backend, pick_coordinator
 from launcher.display import render_text
@@ -92,7 +93,7 @@ def _prepare_hosts(
     with ThreadPoolExecutor(max_workers=1) as pool:
         sync_future = pool.submit(sync_then_prestart)
         workdirs = {c.host.name: c.host.workdir for c in conns}
-        ports = {c.host.name: c.host.slots + 2 for c in conns}  # MASTER_PORT, one per ring rank, jaccl's coordinator
+        ports = {c.host.name: port_count(c.host.slots) for c in conns}  # see port_count
         preflight = timed("probe", lambda: run_preflight(conns, workdir_by_host=workdirs, ports_by_host=ports,
                                                          min_battery=min_battery))
         found = {name: list(f.free_ports) for name, f in preflight[0].items()}
@@ -138,7 +139,56 @@ def _plan_backend(spec: LaunchSpec, hosts: Sequence[HostSpec], facts: dict[str, 
     if choice.order != ring.order:
         ring = plan_ring([ring_host(by_name[n], facts[n], address[n]) for n in choice.order], "network")
     ip, where = pick_coordinator([view[n] for n in choice.order])
-    return choice, ring, f"{ip}:{facts[choice.order[0]].free_ports[-1]}", where
+    first = choice.order[0]
+    return choice, ring, f"{ip}:{facts[first].free_ports[by_name[first].slots + 1]}", where
+
+
+def port_count(slots: int) -> int:
+    """Free ports asked of a host with `slots` ranks, in this order: MASTER_PORT, one per ring rank, jaccl's
+    coordinator, one per island-ring rank, one for the islands' leaders' ring (docs/islands.md)."""
+    return 2 * slots + 3
+
+
+def _plan_islands(spec: LaunchSpec, hosts: Sequence[HostSpec], facts: dict[str, HostFacts],
+                  address: dict[str, str], ring: RingPlan, choice: BackendChoice) -> IslandPlan | None:
+    """Thunderbolt islands (distributed/topology_islands.py) when the ring had to go over the network but some
+    hosts share cables; the ranks decide whether to use them (strategy.mode). None otherwise."""
+    if spec.link != "auto" or ring.link != "network" or choice.is_jaccl:
+        return None
+    by_name = {h.name: h for h in hosts}
+    return plan_islands([ring_host(by_name[n], facts[n], address[n]) for n in ring.order])
+
+
+def _island_files(plan: IslandPlan, ports: dict[str, list[int]], slots: dict[str, int],
+                  run_dir: Path) -> list[Path]:
+    """Each island's ring hostfile (islands of 2+ ranks) and the leaders' ring hostfile, on the ports set
+    aside for them (port_count)."""
+    files = []
+    for i, island in enumerate(plan.islands):
+        if len(island.ring.rank_hosts) < 2:
+            continue
+        seen: dict[str, int] = {}
+        island_ports = []
+        for host in island.ring.rank_hosts:
+            local = seen[host] = seen.get(host, -1) + 1
+            island_ports.append(ports[host][slots[host] + 2 + local])
+        files.append(run_dir / f"mlx_island{i}.json")
+        files[-1].write_text(ring_hostfile(island.ring.addresses, island_ports))
+    files.append(run_dir / "mlx_leaders.json")
+    files[-1].write_text(ring_hostfile(plan.leaders.addresses,
+                                       [ports[h][2 * slots[h] + 2] for h in plan.leaders.order]))
+    return files
+
+
+def _island_env(plan: IslandPlan, host: str, local_rank: int, job_dir: str) -> dict[str, Any]:
+    """The RankEnv fields of a rank in the island plan (distributed/env.py)."""
+    i = plan.island_of(host)
+    size = len(plan.islands[i].ring.rank_hosts)
+    leader = plan.is_leader(host, local_rank)
+    return dict(islands=len(plan.islands), island_rank=plan.island_rank(host, local_rank), island_size=size,
+                island_hostfile=posixpath.join(job_dir, f"mlx_island{i}.json") if size > 1 else None,
+                leader_rank=i if leader else None,
+                leaders_hostfile=posixpath.join(job_dir, "mlx_leaders.json") if leader else None)
 
 
 def _place_model(spec: LaunchSpec, conns: Sequence[SSHConnection], facts: dict[str, HostFacts],
@@ -192,6 +242,11 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
             devices = spec.run_dir / "mlx_ibv_devices.json"
             devices.write_text(choice.devices_json())
             _push_hostfile(conns, devices, job_dir)
+        islands = _plan_islands(spec, hosts, facts, address, ring, choice)
+        if islands is not None:
+            emit(islands.describe())
+            for path in _island_files(islands, ports, {h.name: h.slots for h in hosts}, spec.run_dir):
+                _push_hostfile(conns, path, job_dir)
         timings["hostfile"] = time.perf_counter() - began
         sent = sum(r.sent for r in reports.values())
         sent_bytes = sum(r.bytes_sent for r in reports.values()) + len(hosts) * hostfile.stat().st_size
@@ -211,7 +266,9 @@ def launch_remote(spec: LaunchSpec, *, emit: Callable[[str], None],
                               store_addr=by_name[name].local_addr, store_port=store.port, backend=choice.name,
                               jaccl_coordinator=coordinator,
                               ibv_devices=posixpath.join(job_dir[name], "mlx_ibv_devices.json")
-                              if choice.is_jaccl else None).to_environ()
+                              if choice.is_jaccl else None,
+                              **(_island_env(islands, name, slot.local_rank, job_dir[name]) if islands else {})
+                              ).to_environ()
                 iface = _interface_of(facts[name], address[name])
                 if iface:  # torch's gloo binds where the hostname resolves (often 127.0.1.1 on Linux) otherwise
                     env["GLOO_SOCKET_IFNAME"] = iface
