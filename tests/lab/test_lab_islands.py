@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 from distributed.checkpoint import load_checkpoint
-from tests.lab.faults import cut_link
+from tests.lab.faults import cut_link, link_down, link_up
 from tests.lab.labnet import Lab
+from tests.lab.test_lab_faults import events, no_job_processes_left, of, show
+from tests.lab.test_lab_faults import start_train as start_fault_train
 from tests.lab.test_lab_train import STEPS, H, check_loss_and_checkpoint, read_all, sent_between, start_train
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(240)
 
 
 def test_a_cabled_pair_beside_a_wifi_mac_trains_as_islands(lab: Lab, lab_hosts_file: Path, tmp_path: Path) -> None:
@@ -57,3 +59,33 @@ def test_a_cabled_pair_beside_a_wifi_mac_trains_as_islands(lab: Lab, lab_hosts_f
     # h2 and h0 carry the islands' exchange (3 rounds of ~0.5 MB).
     assert training["h2"]["wifi"] > 3 * 400_000, training["h2"]
     assert training["h1"]["wifi"] < training["h2"]["wifi"], training
+
+
+def test_the_islands_cable_pulled_mid_run_restarts_as_flat_diloco_from_the_last_round(
+        lab: Lab, tmp_path: Path) -> None:
+    h0, h1, h2 = lab.hosts
+    with cut_link(lab, h1, "thunderbolt0"), cut_link(lab, h2, "thunderbolt0"):
+        run = start_fault_train(lab, tmp_path, "islands-cable", "train.checkpoint_interval=0",
+                                "fault.progress_timeout=5", "train.batch_size=64", "strategy.inner_steps=10",
+                                steps=150)
+        try:
+            run.wait_for(r"strategy islands: auto: ", timeout=90)
+            run.wait_for(r"\[rank 0 h0\] checkpoint \S*step_00000030$", timeout=90)  # a round's checkpoint
+            link_down(lab, h0, "thunderbolt0")  # the h0-h1 cable: the island's own ring
+            code = run.finish(timeout=200)
+        finally:
+            link_up(lab, h0, "thunderbolt0")
+            run.kill()
+    out = show(run)
+    assert code == 0, out + run.stderr
+    evs = events(tmp_path, "islands-cable")
+    [fault] = of(evs, "fault")
+    assert fault["cause"] in ("stuck", "failed"), fault  # the island's ring hung (watchdog) or broke
+    [restart] = of(evs, "restart")
+    assert restart["world_size"] == 3 and restart["from_step"] >= 30 and restart["from_step"] % 10 == 0
+    # No cable left between any two hosts: the re-plan has no islands, and auto picks DiLoCo for all three.
+    after = out[out.index("restart 1 of"):]
+    assert "ring over the network" in after and "islands: {" not in after
+    assert "strategy diloco: auto: " in after and "resumed from" in after
+    assert "[rank 0 h0] step 150/150" in after
+    no_job_processes_left(lab)
