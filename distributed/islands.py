@@ -63,16 +63,19 @@ class IslandGroups:
         return self.island_rank == 0
 
 
+class IslandsUnavailable(MacrunError):
+    """This MLX gives no way to open a second ring in a process; the run goes on without islands."""
+
+
 def _clear_backends() -> Callable[[], None]:
-    """MLX's `clear_backends`, from the library the Python module loaded, or a MacrunError saying why not."""
+    """MLX's `clear_backends`, from the library the Python module loaded, or IslandsUnavailable saying why not."""
     name = "libmlx.dylib" if sys.platform == "darwin" else "libmlx.so"
     lib = Path(mx.__file__).parent / "lib" / name
     try:
         return getattr(ctypes.CDLL(str(lib)), CLEAR_BACKENDS)
     except (OSError, AttributeError) as exc:
-        raise MacrunError(f"this MLX ({mx.__version__}) does not expose clear_backends, which Thunderbolt islands "
-                          f"need to open a second ring ({exc})",
-                          hint="set strategy.mode to diloco or ddp, or install the MLX version macrun pins") from None
+        raise IslandsUnavailable(f"MLX {mx.__version__} does not expose clear_backends, which opening a second "
+                                 f"ring needs ({exc})", hint="docs/islands.md says what MLX would need") from None
 
 
 def _open_ring(rank: int, hostfile: str) -> mx.distributed.Group:
@@ -180,4 +183,4 @@ def _leaves(model: nn.Module) -> list[mx.array]:
     return [v for _, v in tree_flatten(model.trainable_parameters())]
 
 
-__all__ = ["IslandGroups", "IslandStrategy", "open_groups"]
+__all__ = ["IslandGroups", "IslandStrategy", "IslandsUnavailable", "open_groups"]

@@ -124,19 +124,22 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
     import mlx.core as mx
 
     groups = None  # the rings of a Thunderbolt island plan (distributed/islands.py), when the launcher made one
+    missing = ""  # why the islands offered cannot be opened (an MLX without clear_backends)
     if env.islands >= 2 and env.mlx_backend == "ring":
-        from distributed.islands import open_groups
+        from distributed.islands import IslandsUnavailable, open_groups
 
-        groups = open_groups(env)
-        group = groups.world
-    else:
-        group = mx.distributed.init(backend=env.mlx_backend, strict=True)  # "jaccl" when the launcher chose it
+        try:
+            groups = open_groups(env)
+        except IslandsUnavailable as exc:  # raised before any ring opened, alike on every rank (one MLX version)
+            missing = str(exc)
+    group = groups.world if groups is not None else mx.distributed.init(backend=env.mlx_backend, strict=True)
     mode = cfg.strategy.mode
     reason = f"strategy.mode={mode}"
     if mode == "islands" and groups is None:  # one island (all cabled) is DDP; islands of one Mac each, DiLoCo
         mode = "ddp" if env.link == "thunderbolt" else "diloco"
-        reason += (f", but the launcher found no Thunderbolt islands beside hosts on the network (the ring runs over "
-                   f"{'Thunderbolt' if env.link == 'thunderbolt' else 'the network'}) → {mode}")
+        why = missing or ("the launcher found no Thunderbolt islands beside hosts on the network (the ring runs "
+                          f"over {'Thunderbolt' if env.link == 'thunderbolt' else 'the network'})")
+        reason = f"strategy.mode=islands, but {why} → {mode}"
     seconds = None  # this rank's timed step, shared by auto mode and balancing
     h = cfg.strategy.inner_steps or UNMEASURED_INNER_STEPS  # 0 = auto: chosen below when it can be measured
     measurable = client is not None and bool(env.mlx_hostfile)
@@ -155,6 +158,8 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
             mode = "islands"
             reason += (f"\nislands: DDP over the cables inside each island, DiLoCo between the {groups.islands} "
                        "islands over the network (strategy.mode diloco makes every Mac its own DiLoCo worker)")
+    if missing and cfg.strategy.mode != "islands":
+        reason += f"\nislands: the launcher found some, but {missing}"
     if mode in ("diloco", "islands"):
         from distributed.diloco import DiLoCoStrategy
 
