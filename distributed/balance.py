@@ -4,7 +4,10 @@ by its measured throughput, so a fast Mac does not wait every step for a slow on
 The global batch stays B = world_size × train.batch_size and is the same set of items as with equal shares;
 rank r takes the contiguous slice of b_r items after those of ranks 0..r-1 (`distributed.shards`), and its
 mean gradient is weighted by b_r·world/B before the ranks average (`DDPStrategy.grad_weight`), so the
-update is that of the whole batch's mean, as with equal shares. DiLoCo does not use shares.
+update is that of the whole batch's mean, as with equal shares. DiLoCo uses the same shares: every rank takes
+H inner steps on its share, so a round takes the slow Mac as long as the fast one, and each pseudo-gradient
+is weighted by its rank's tokens (`DiLoCoStrategy.sync`). Shares, not more inner steps for the fast ranks,
+because the loop's step counter, learning-rate schedule, data stream and checkpoints stay common to all.
 
 Every rank measures its own step (`distributed.worker.measure_step_seconds`, all ranks at once), the ranks
 all_gather the per-sample throughputs (ranks on one host take the host's mean: they share its GPU), each

@@ -114,11 +114,13 @@ class StrategyConfig:
                    "docs/islands.md), or auto (chosen from measured step time and link speed; islands when the "
                    "launcher found them and the network calls for DiLoCo).",
                    choices=("auto", "ddp", "diloco", "islands"))
-    balance: str = _f("auto", "DDP with several ranks: auto times a step on every rank at start and splits each "
+    balance: str = _f("auto", "Several ranks: auto times a step on every rank at start and splits each "
                       "step's global batch (ranks × train.batch_size) in shares proportional to the measured "
                       "speeds, so a fast Mac does not wait for a slow one (equal shares when all are within 10%; "
                       "gradients are weighted by share, so training equals equal shares up to float rounding); "
-                      "off keeps equal shares. DiLoCo does not balance.", choices=("auto", "off"))
+                      "off keeps equal shares. DiLoCo balances alike (every rank takes H steps on its share, so "
+                      "a round costs the slow Mac what it costs the fast one; pseudo-gradients are weighted by "
+                      "tokens), except with strategy.overlap.", choices=("auto", "off"))
     inner_steps: int = _f(0, "DiLoCo: local AdamW steps between synchronisations (H); 0 = auto: the smallest H "
                           "in 10, 20, 50, 100, 200, 500 whose exchange, measured at start, stays under 10% of a "
                           "round's compute, at most train.steps/10 (distributed/costmodel.py; 100 where nothing can "

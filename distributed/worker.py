@@ -180,21 +180,32 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
             kind = "plain averaging" if diloco.outer_momentum == 0 else "Nesterov"
             reason += (f"\nouter step: {kind} (lr {diloco.outer_lr:g}, momentum {diloco.outer_momentum:g}), "
                        f"chosen for H={h} and {-(-cfg.train.steps // h)} rounds (strategy.outer_lr 0)")
+        if mode == "diloco" and not cfg.strategy.overlap:
+            reason += balance(diloco, cfg, env, group, task, seconds)
+        elif mode == "diloco" and cfg.strategy.balance == "auto" and env.local_world_size < env.world_size:
+            reason += "\nbalance: equal shares (strategy.overlap does not balance)"
         return diloco, reason
     strategy = DDPStrategy(group)
-    if cfg.strategy.balance == "auto" and env.local_world_size == env.world_size and seconds is None:
+    return strategy, reason + balance(strategy, cfg, env, group, task, seconds)
+
+
+def balance(strategy: Strategy, cfg: Config, env: RankEnv, group: Any, task: Any, seconds: float | None) -> str:
+    """strategy.balance=auto (distributed/balance.py): the ranks agree on batch shares by measured speed and
+    `strategy.shares` is set when they are unequal (DDP weights gradients by them, DiLoCo pseudo-gradients).
+    Returns the line for the reason ("" when balance is off)."""
+    if cfg.strategy.balance != "auto":
+        return ""
+    if env.local_world_size == env.world_size and seconds is None:
         # Every rank on this host (the env contract says so): they share its processor, nothing to balance,
         # and no step to time for it (auto mode timed one anyway: then the line shows the speeds).
-        reason += f"\nbalance: equal shares of {cfg.train.batch_size} per rank, every rank is on one host"
-    elif cfg.strategy.balance == "auto":
-        from distributed.balance import agree_shares
+        return f"\nbalance: equal shares of {cfg.train.batch_size} per rank, every rank is on one host"
+    from distributed.balance import agree_shares
 
-        seconds = seconds if seconds is not None else measure_step_seconds(cfg, task=task, group=group)
-        batch = cfg.train.batch_size
-        plan = agree_shares(batch / seconds, batch * env.world_size, group, host=socket.gethostname())
-        strategy.shares = None if plan.equal else plan.shares
-        reason += "\n" + plan.describe()
-    return strategy, reason
+    seconds = seconds if seconds is not None else measure_step_seconds(cfg, task=task, group=group)
+    batch = cfg.train.batch_size
+    plan = agree_shares(batch / seconds, batch * env.world_size, group, host=socket.gethostname())
+    strategy.shares = None if plan.equal else plan.shares
+    return "\n" + plan.describe()
 
 
 BATTERY_CHECK_S = 60.0
