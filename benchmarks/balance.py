@@ -1,4 +1,4 @@
-"""Balanced DDP against equal shares with one slow rank: the fast ranks' idle time per step, and steps/s.
+"""Balanced DDP or DiLoCo against equal shares with one slow rank: the fast ranks' idle time per step, steps/s.
 
 `--ranks` local ranks (MLX ring on loopback), each pinned to its own CPU with `taskset`; the last one is the
 slow Mac: it runs in a cgroup with a CPU quota (`--slow-quota` of one core; cgroup v1 or v2, needs root),
@@ -10,9 +10,12 @@ Each rank times its step with the worker's own `measure_step_seconds`, agrees on
 gradient weights, bucketed all_sum). The step is cut in three evaluations so the wait can be timed:
 forward+backward, the all_sum, the AdamW update. A fast rank's time in the all_sum is its idle time (plus
 the transfer itself, which the slow rank's own all_sum time shows). steps/s is rank 0's over the timed steps.
+With `--strategy diloco` the ranks train with the real `DiLoCoStrategy` (H = `--inner-steps`, shares weighting
+the pseudo-gradients): a fast rank's idle time is its wait at each round's exchange, spread over the round.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         .venv/bin/python benchmarks/balance.py --steps 30 --repeats 2 --json runs/bench/balance.json
+    (same) benchmarks/balance.py --strategy diloco --inner-steps 5 --steps 30 --json runs/bench/balance_diloco.json
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ import mlx.nn as nn
 from distributed.balance import agree_shares
 from distributed.config import config_from_dict
 from distributed.data import BatchSampler
+from distributed.diloco import DiLoCoStrategy
 from distributed.models.gpt import build_model, loss_fn
 from distributed.strategy import DDPStrategy
 from distributed.train import make_optimizer
 from distributed.worker import measure_step_seconds
 
 out, data, cfg = Path(sys.argv[1]), Path(sys.argv[2]), config_from_dict(json.loads(sys.argv[3]))
-mode, warmup, steps = sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+mode, warmup, steps, kind, h = sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7], int(sys.argv[8])
 group = mx.distributed.init(backend="ring", strict=True)
 rank, world, batch = group.rank(), group.size(), cfg.train.batch_size
 seconds = measure_step_seconds(cfg, group=group)
@@ -61,7 +65,11 @@ else:  # the speeds, for the record, but equal shares
 model = build_model(cfg.model, cfg.data.seq_len, cfg.run.seed)
 optimizer = make_optimizer(cfg)
 optimizer.init(model.trainable_parameters())
-strategy = DDPStrategy(group, shares=shares)
+if kind == "diloco":  # the real DiLoCo exchange, weighted by the shares (plain averaging as the outer step)
+    strategy = DiLoCoStrategy(group, inner_steps=h, outer_lr=1.0, outer_momentum=0.0)
+    strategy.shares = tuple(shares) if len(set(shares)) > 1 else None
+else:
+    strategy = DDPStrategy(group, shares=shares)
 strategy.setup(model, rank=rank, world_size=world)
 strategy.grad_weight = shares[rank] * world / sum(shares)
 sampler = BatchSampler(data / "train.bin", cfg.data.seq_len, batch, rank, world, cfg.run.seed, shares=shares)
@@ -78,18 +86,27 @@ for step in range(warmup + steps):
     loss, grads = grads_of(x, y)
     mx.eval(loss, grads)
     t1 = time.perf_counter()
-    grads = reduce(grads)
-    mx.eval(grads)
-    t2 = time.perf_counter()
-    optimizer.update(model, grads)
-    mx.eval(state)
+    if kind == "diloco":  # compute = the step with its update; waiting = the round's exchange, per step
+        optimizer.update(model, grads)
+        mx.eval(state)
+        t1 = time.perf_counter()
+        strategy.after_step(model, optimizer, step + 1)
+        t2 = time.perf_counter()
+    else:
+        grads = reduce(grads)
+        mx.eval(grads)
+        t2 = time.perf_counter()
+        optimizer.update(model, grads)
+        mx.eval(state)
     if step >= warmup:
         compute.append(t1 - t0)
         wait.append(t2 - t1)
 elapsed = time.perf_counter() - began
 (out / f"rank{rank}.json").write_text(json.dumps({
     "rank": rank, "shares": list(shares), "speeds": speeds, "line": line, "measured_step_s": seconds,
-    "steps_per_s": steps / elapsed, "compute_s": statistics.median(compute), "wait_s": statistics.median(wait)}))
+    "steps_per_s": steps / elapsed, "compute_s": statistics.median(compute),
+    # DDP waits every step (median); DiLoCo once a round (the mean over steps spreads it over the round's steps)
+    "wait_s": statistics.fmean(wait) if kind == "diloco" else statistics.median(wait)}))
 """
 
 
@@ -165,7 +182,9 @@ def run_once(args: argparse.Namespace, work: Path, data: Path, mode: str, slow: 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLX_HOSTFILE": str(hostfile), "OPENBLAS_NUM_THREADS": "1"}
     cfg = {"model": {"size": args.size, "activation": "relu2"}, "data": {"seq_len": args.seq_len},
            "train": {"batch_size": args.batch, "warmup_steps": 2}}
-    argv = [sys.executable, str(out / "rank.py"), str(out), str(data), json.dumps(cfg), mode, "3", str(args.steps)]
+    warmup = args.inner_steps if args.strategy == "diloco" else 3  # DiLoCo: one round, then whole rounds
+    argv = [sys.executable, str(out / "rank.py"), str(out), str(data), json.dumps(cfg), mode, str(warmup),
+            str(args.steps), args.strategy, str(args.inner_steps)]
     cpus = os.cpu_count() or 1
     procs = []
     for r in range(args.ranks):
@@ -199,9 +218,14 @@ def main() -> None:
     p.add_argument("--size", default="tiny")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=8, help="train.batch_size: the global batch is ranks × this")
+    p.add_argument("--strategy", choices=("ddp", "diloco"), default="ddp",
+                   help="ddp: idle in each step's all_sum; diloco: idle at each round's exchange, spread per step")
+    p.add_argument("--inner-steps", type=int, default=5, help="DiLoCo's H (--steps is rounded up to whole rounds)")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    if args.strategy == "diloco":
+        args.steps = -(-args.steps // args.inner_steps) * args.inner_steps
     if shutil.which("taskset") is None:
         raise SystemExit("benchmarks/balance.py pins ranks with taskset (util-linux)")
 
@@ -214,7 +238,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "data"
             prepare_data(config_from_dict({"data": {"max_bytes": 400_000, "seq_len": args.seq_len}}).data, data)
-            print(f"{args.ranks} ranks, the last slowed by {slow.how}; {args.size} GPT, batch {args.batch} × "
+            what = f"DiLoCo H={args.inner_steps}" if args.strategy == "diloco" else "DDP"
+            print(f"{what}, {args.ranks} ranks, the last slowed by {slow.how}; {args.size} GPT, batch {args.batch} × "
                   f"{args.seq_len} per rank, {args.steps} timed steps per run", flush=True)
             for i in range(args.repeats):
                 for mode in ("off", "auto"):
@@ -222,7 +247,7 @@ def main() -> None:
                     runs.append(run)
                     print(f"{mode:>4} #{i}: shares {run['shares']} · {run['steps_per_s']:.2f} steps/s · fast ranks "
                           f"idle {run['fast_idle_s'] * 1e3:.0f} ms/step (compute {run['fast_compute_s'] * 1e3:.0f}"
-                          f" ms) · slow rank compute {run['slow_compute_s'] * 1e3:.0f} ms, in all_sum "
+                          f" ms) · slow rank compute {run['slow_compute_s'] * 1e3:.0f} ms, waiting "
                           f"{run['slow_wait_s'] * 1e3:.0f} ms · {run['line']}", flush=True)
     finally:
         slow.close()
