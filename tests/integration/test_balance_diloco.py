@@ -19,27 +19,24 @@ import pytest
 from distributed.config import config_from_dict
 from distributed.data import prepare_data
 from tests.integration.test_ddp import finish, start_ranks
+from tests.integration.test_diloco import ROUNDS, H
+from tests.integration.test_diloco import TINY as DILOCO_TINY
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-H, ROUNDS = 3, 3
-TINY = {
-    "model": {"size": "tiny", "activation": "relu2"},
-    "data": {"max_bytes": 120_000, "seq_len": 32, "val_share": 0.1},
-    "train": {"steps": H * ROUNDS, "batch_size": 2, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
-              "eval_interval": 0, "checkpoint_interval": 0, "log_interval": H},
-    "strategy": {"mode": "diloco", "inner_steps": H, "outer_lr": 1.0, "outer_momentum": 0.0},
-}
+# test_diloco.py's tiny run (H=3, 3 rounds) with plain averaging, without evaluations.
+TINY = {**DILOCO_TINY, "train": {**DILOCO_TINY["train"], "eval_interval": 0},
+        "strategy": {"mode": "diloco", "inner_steps": H, "outer_lr": 1.0, "outer_momentum": 0.0}}
 
 # One rank. argv: out_dir data_dir config_json
 RANK = r"""
 import json, sys
 from pathlib import Path
 import mlx.core as mx
-import numpy as np
 import distributed.balance as balance
 from distributed.config import config_from_dict
 from distributed.diloco import DiLoCoStrategy
 from distributed.train import train
+from tests.integration.rounds_spy import record_rounds, save_rounds
 
 out, data, cfg = Path(sys.argv[1]), Path(sys.argv[2]), config_from_dict(json.loads(sys.argv[3]))
 group = mx.distributed.init(backend="ring", strict=True)
@@ -47,15 +44,8 @@ rank, world = group.rank(), group.size()
 plan = balance.agree_shares([30.0, 10.0][rank], cfg.train.batch_size * world, group)
 strategy = DiLoCoStrategy.from_config(group, cfg.strategy, steps=cfg.train.steps)
 strategy.shares = plan.shares
-local, theta, batches = [], [], []
-exchange = strategy.sync
-
-def sync(model, optimizer, step):
-    local.append(np.array(strategy._flatten(model)))
-    exchange(model, optimizer, step)
-    theta.append(np.array(strategy.params))
-
-strategy.sync = sync
+batches = []
+record_rounds(strategy)
 import distributed.train as loop
 make_task = loop.make_task
 
@@ -68,7 +58,7 @@ def spying_task(*args, **kwargs):
 loop.make_task = spying_task
 train(cfg, data_dir=data, run_dir=out / "run", rank=rank, world_size=world, strategy=strategy,
       log=lambda m: print(m, flush=True))
-np.savez(out / f"rank{rank}.npz", local=np.stack(local), theta=np.stack(theta))
+save_rounds(out / f"rank{rank}.npz")
 (out / f"report{rank}.json").write_text(json.dumps({"shares": list(plan.shares), "batches": batches}))
 """
 

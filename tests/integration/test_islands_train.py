@@ -23,45 +23,33 @@ import pytest
 from distributed.config import config_from_dict
 from distributed.data import prepare_data
 from tests.integration.test_ddp import OPENBLAS, ROOT, finish, free_ports
+from tests.integration.test_diloco import ROUNDS, H
+from tests.integration.test_diloco import TINY as DILOCO_TINY
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
-H, ROUNDS = 3, 3
-TINY = {
-    "model": {"size": "tiny", "activation": "relu2"},
-    "data": {"max_bytes": 120_000, "seq_len": 32, "val_share": 0.1},
-    "train": {"steps": H * ROUNDS, "batch_size": 2, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2,
-              "eval_interval": H, "eval_batches": 1, "checkpoint_interval": 0, "log_interval": H},
-    "strategy": {"mode": "islands", "inner_steps": H, "outer_lr": 1.0, "outer_momentum": 0.0},
-}
+# test_diloco.py's tiny run (H=3, 3 rounds), with plain averaging so each round's theta has a closed form.
+TINY = {**DILOCO_TINY, "strategy": {"mode": "islands", "inner_steps": H, "outer_lr": 1.0, "outer_momentum": 0.0}}
 ISLAND_OF = (0, 0, 1, 2)  # rank -> island
 
 # One rank. argv: out_dir data_dir config_json. The island variables come from the test (as the launcher sets).
 RANK = r"""
 import json, os, sys
 from pathlib import Path
-import numpy as np
 from distributed.config import config_from_dict
 from distributed.env import RankEnv
 from distributed.islands import IslandStrategy
 from distributed.train import train
+from tests.integration.rounds_spy import record_rounds, save_rounds
 from distributed.worker import choose_strategy
 
 out, data, cfg = Path(sys.argv[1]), Path(sys.argv[2]), config_from_dict(json.loads(sys.argv[3]))
 env = RankEnv.from_environ()
 strategy, reason = choose_strategy(cfg, env)
 assert isinstance(strategy, IslandStrategy), type(strategy)
-local, theta = [], []
-exchange = strategy.sync
-
-def sync(model, optimizer, step):
-    local.append(np.array(strategy._flatten(model)))
-    exchange(model, optimizer, step)
-    theta.append(np.array(strategy.params))
-
-strategy.sync = sync
+record_rounds(strategy)
 result = train(cfg, data_dir=data, run_dir=out / "run", rank=env.rank, world_size=env.world_size,
                strategy=strategy, log=lambda m: print(m, flush=True))
-np.savez(out / f"rank{env.rank}.npz", local=np.stack(local), theta=np.stack(theta))
+save_rounds(out / f"rank{env.rank}.npz")
 (out / f"report{env.rank}.json").write_text(json.dumps(
     {"reason": reason, "bytes": strategy.bytes_sent, "val": result.val_loss, "rounds": strategy.rounds}))
 """
