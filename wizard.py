@@ -56,6 +56,7 @@ from launcher.plan import (
     list_models,
     load_model_choice,
     pick_run_name,
+    plan_islands_for,
     plan_links,
     plan_rows,
     run_config_text,
@@ -328,7 +329,8 @@ class Wizard:
         warnings = [f"{choice.name} {problem}"] if problem else []
         ordered = launch_order(existing, hosts)
         ring = plan_links(ordered, facts, self.args.link)
-        return WizardPlan(hosts=ordered, ring=ring, model=choice, config=config,
+        return WizardPlan(hosts=ordered, ring=ring, islands=plan_islands_for(ordered, facts, self.args.link, ring),
+                          model=choice, config=config,
                           source_config=choice.path, overrides=overrides, hosts_file=self.args.hosts,
                           run_config=output_dir / f"{name}.yaml",
                           run_hosts_file=output_dir / f"{name}.hosts.json" if kept else None,

@@ -19,6 +19,7 @@ from distributed.errors import MacrunError
 from distributed.models.gpt import VOCAB_SIZE, estimate_memory_bytes
 from distributed.models.mlxlm_memory import MemoryEstimate, estimate_finetune_memory
 from distributed.topology import RingPlan, plan_ring
+from distributed.topology_islands import IslandPlan, plan_islands
 from launcher.fit import FIT_SHARE, Machine, fit_problem, format_bytes, format_count  # noqa: F401  (re-exported)
 from launcher.hosts import HostSpec, write_atomic  # noqa: F401  (re-exported for the wizard)
 from launcher.localmodels import LocalModel, trainable_bytes
@@ -154,11 +155,22 @@ def plan_links(hosts: Sequence[HostSpec], facts: Mapping[str, HostFacts], mode: 
     return plan_ring([ring_host(h, facts[h.name], h.ips[0] if h.ips else h.hostname) for h in hosts], mode)
 
 
-def describe_links(ring: RingPlan) -> str:
-    """The ring in one line, with why it runs over that link."""
+def plan_islands_for(hosts: Sequence[HostSpec], facts: Mapping[str, HostFacts], mode: str,
+                     ring: RingPlan) -> IslandPlan | None:
+    """The Thunderbolt islands the launch will offer the ranks (launcher.remote._plan_islands), or None."""
+    from launcher.remote import ring_host
+
+    if mode != "auto" or ring.link != "network":
+        return None
+    return plan_islands([ring_host(h, facts[h.name], h.ips[0] if h.ips else h.hostname) for h in hosts])
+
+
+def describe_links(ring: RingPlan, islands: IslandPlan | None = None) -> str:
+    """The ring in one line, with why it runs over that link (and the islands, when there are some)."""
     if len(ring.rank_hosts) == 1:
         return "none needed (one rank)"
-    return f"{ring.describe()} ({ring.reason})" if ring.link == "thunderbolt" else ring.describe()
+    line = f"{ring.describe()} ({ring.reason})" if ring.link == "thunderbolt" else ring.describe()
+    return line + (f"; {islands.describe()}" if islands is not None else "")
 
 
 def every_h(cfg: Config) -> str:
@@ -167,12 +179,20 @@ def every_h(cfg: Config) -> str:
     return f"{h} steps" if h else "H steps (H chosen at start: the exchange under 10% of a round's compute)"
 
 
-def describe_strategy(cfg: Config, world_size: int, link: str) -> tuple[str, str]:
+def describe_strategy(cfg: Config, world_size: int, link: str, islands: bool = False) -> tuple[str, str]:
     """The strategy to expect and why. In auto mode the ranks decide at start from measured numbers
-    (distributed.worker.decide_auto: link probe + timed step → distributed.costmodel); this is the likely outcome."""
+    (distributed.worker.decide_auto: link probe + timed step → distributed.costmodel); this is the likely outcome.
+    `islands`: the launch will offer Thunderbolt islands (plan_islands_for)."""
     if world_size <= 1:
         return "local", "one rank: nothing to exchange"
     mode = cfg.strategy.mode
+    if islands and mode in ("auto", "islands"):
+        return "islands", (f"{'auto: usual here' if mode == 'auto' else 'strategy.mode=islands'}: gradients averaged "
+                           f"every step over the cables inside each island, islands averaging their progress every "
+                           f"{every_h(cfg)} over the network")
+    if mode == "islands":
+        return ("ddp", "strategy.mode=islands, but no islands: all cabled, so DDP") if link == "thunderbolt" else \
+            ("diloco", f"strategy.mode=islands, but no islands: every Mac its own DiLoCo worker, every {every_h(cfg)}")
     if mode == "auto":
         measured = "decided when the ranks start, from the measured link speed and step time"
         if link == "network":
@@ -223,6 +243,7 @@ class WizardPlan:
     link_mode: str = "auto"  # --link: auto | thunderbolt | network
     warnings: list[str] = field(default_factory=list)
     push_model: bool = False  # --push-model: copy an mlx-lm model to the hosts that lack it
+    islands: IslandPlan | None = None  # Thunderbolt islands the launch will offer (plan_islands_for)
 
     @property
     def world_size(self) -> int:
@@ -257,6 +278,10 @@ def describe_traffic(cfg: Config, strategy: str, params: int, world_size: int, g
     if world_size <= 1 or strategy == "local":
         return "none: one rank"
     steps, h = cfg.train.steps, cfg.strategy.inner_steps
+    if strategy == "islands":
+        return (f"each island's Macs send {format_bytes(params * 4)} of gradients or less over their cables per "
+                f"step; only the islands' leaders use the network, once a DiLoCo round ({cfg.strategy.exchange_dtype}, "
+                f"every {every_h(cfg)})")
     if strategy == "diloco":
         per_sync = wire_bytes(params, world_size, cfg.strategy.exchange_dtype)
         if not h:  # auto: H, and so the number of rounds, is known once the ranks have measured
@@ -275,7 +300,7 @@ def plan_rows(plan: WizardPlan, cwd: Path) -> list[tuple[str, str]]:
     cfg, t = plan.config, plan.config.train
     machines = ", ".join(f"{h.name} ({h.hostname}" + (f", {h.slots} ranks" if h.slots > 1 else "") + ")"
                          for h in plan.hosts)
-    strategy, why = describe_strategy(cfg, plan.world_size, plan.ring.link)
+    strategy, why = describe_strategy(cfg, plan.world_size, plan.ring.link, plan.islands is not None)
     tokens = t.steps * t.batch_size * cfg.data.seq_len * plan.world_size
     ckpt = (f"every {t.checkpoint_interval} steps" if 0 < t.checkpoint_interval < t.steps
             else f"at the end (step {t.steps})")
@@ -302,7 +327,7 @@ def plan_rows(plan: WizardPlan, cwd: Path) -> list[tuple[str, str]]:
     rows = [
         ("machines", f"{machines} → {plan.world_size} rank{'s' if plan.world_size != 1 else ''}; "
                      f"rank 0 on {rank0}"),
-        ("links", describe_links(plan.ring)),
+        ("links", describe_links(plan.ring, plan.islands)),
         *rows,
         ("writes", "; ".join(written)),
         ("command", plan.command(cwd)),

@@ -14,6 +14,9 @@ import pytest
 import wizard
 from distributed.config import ModelConfig, load_config
 from distributed.errors import ConfigError, HostError, HostsError
+from distributed.links import Link
+from distributed.topology import RingHost, plan_ring
+from distributed.topology_islands import plan_islands
 from launcher import ssh
 from launcher.discovery import Candidate, candidate_from_address, template_from_file
 from launcher.hostcheck import CheckState, judge, render_checks, unknown_key_fingerprint
@@ -25,6 +28,7 @@ from launcher.plan import (
     describe_config,
     describe_links,
     describe_strategy,
+    describe_traffic,
     find_config_dir,
     fit_problem,
     format_bytes,
@@ -483,3 +487,24 @@ def test_picking_an_mlx_lm_model_plans_a_fine_tune_of_it(tmp_path: Path, tmp_pat
     text = run_config_text(plan, tmp_path)
     assert "from " + str(REPO / "configs" / "lora-chat.yaml") + " --set train.steps=30 --set " \
            "model.path=tiny-org/llama-4bit --set data.path=chat --set finetune.type=lora" in text.splitlines()[0]
+
+
+def test_the_plan_shows_islands_where_the_launch_will_offer_them() -> None:
+    def host(name: str, i: int, cable: str | None) -> RingHost:
+        links = [Link("wifi0", "wifi", (f"10.9.0.{i}/24",))]
+        if cable:
+            links.append(Link("thunderbolt0", "thunderbolt", (cable,)))
+        return RingHost(name, 1, f"10.9.0.{i}", tuple(links))
+
+    room = [host("studio1", 1, "10.100.0.1/30"), host("studio2", 2, "10.100.0.2/30"), host("air", 3, None)]
+    islands = plan_islands(room)
+    assert islands is not None
+    ring = plan_ring(room, "auto")
+    assert describe_links(ring, islands).endswith("; islands: {studio1 studio2} over Thunderbolt, {air}: DDP inside "
+                                                  "each, DiLoCo between them over the network")
+    cfg = load_config(None, ["strategy.inner_steps=50"])
+    assert describe_strategy(cfg, 3, ring.link, islands=True)[0] == "islands"
+    assert describe_strategy(load_config(None, ["strategy.mode=diloco"]), 3, ring.link, islands=True)[0] == "diloco"
+    assert describe_strategy(load_config(None, ["strategy.mode=islands"]), 3, "network")[0] == "diloco"
+    assert describe_strategy(load_config(None, ["strategy.mode=islands"]), 3, "thunderbolt")[0] == "ddp"
+    assert "only the islands' leaders use the network" in describe_traffic(cfg, "islands", 1000, 3)
