@@ -49,12 +49,12 @@ def test_a_cabled_pair_beside_a_wifi_mac_trains_as_islands(lab: Lab, lab_hosts_f
     training = sent_between(probed, after)
     grads = rows[-1]["bytes_sent"]  # rank 0's: its island's allreduces, its exchanges, the small votes
     assert grads > STEPS * 250_000, rows[-1]  # 30 allreduces of ~0.5 MB between two ranks
-    # The island's gradients went over the h0-h1 cable; h2 sent nothing on its (cut) cables.
+    # The island's gradients went over the h0-h1 cable; h2 sent next to nothing on its (cut) cables.
     for host in ("h0", "h1"):
         assert training[host]["thunderbolt"] >= 0.6 * grads, (host, training[host], grads)
     # h0 also sends the checkpoints to the master over Wi-Fi; h1 has only logs and heartbeats to send there.
     assert training["h1"]["thunderbolt"] > 3 * training["h1"]["wifi"], training
-    assert training["h2"]["thunderbolt"] == 0, training["h2"]
+    assert training["h2"]["thunderbolt"] < 64_000, training["h2"]  # as test_lab_train allows an idle cable
     # h1 is no leader: over Wi-Fi it sends only what every rank sends (logs, heartbeats, the world ring's votes).
     # h2 and h0 carry the islands' exchange (3 rounds of ~0.5 MB).
     assert training["h2"]["wifi"] > 3 * 400_000, training["h2"]
