@@ -9,7 +9,7 @@ through the same launcher API as `macrun train`. Ctrl-C at any question exits (1
     python wizard.py
     python wizard.py --yes --select studio,mbp --model quickstart --set train.steps=200     # no questions
 
-The flow lives here; the logic in launcher/discovery.py, launcher/hostcheck.py and launcher/plan.py.
+The flow lives here; the logic in launcher/room/discovery.py, launcher/room/hostcheck.py and launcher/views/plan.py.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from rich.table import Table
 
 from distributed.config import load_config
 from distributed.errors import ConfigError, HostError, HostsError, MacrunError
-from launcher.api import SOURCE_ROOT
-from launcher.asker import Asker
-from launcher.discovery import (
+from launcher.jobs.api import SOURCE_ROOT
+from launcher.room.discovery import (
     SOURCE_BOTH,
     SOURCE_FILE,
     Candidate,
@@ -40,9 +39,11 @@ from launcher.discovery import (
     merge_hosts,
     template_from_file,
 )
-from launcher.hostcheck import CheckState, HostCheck, check_machines, judge, render_checks
-from launcher.hosts import HostSpec, load_hosts, save_hosts
-from launcher.plan import (
+from launcher.room.hostcheck import CheckState, HostCheck, check_machines, judge, render_checks
+from launcher.room.hosts import HostSpec, load_hosts, save_hosts
+from launcher.room.preflight import HostFacts, raise_for_problems
+from launcher.views.asker import Asker
+from launcher.views.plan import (
     FINETUNE_CONFIG,
     Machine,
     ModelChoice,
@@ -62,9 +63,8 @@ from launcher.plan import (
     run_config_text,
     write_atomic,
 )
-from launcher.preflight import HostFacts, raise_for_problems
-from launcher.wizard_finetune import choose_finetune, local_models, too_big
-from launcher.wizard_view import candidate_title, candidates_table, model_title, shown_path
+from launcher.views.wizard_finetune import choose_finetune, local_models, too_big
+from launcher.views.wizard_view import candidate_title, candidates_table, model_title, shown_path
 
 EXIT_CANCELLED = 130
 ADD = "\0add"  # the checkbox value of "add a machine by address"
@@ -232,7 +232,7 @@ class Wizard:
         return checks
 
     def _trust(self, spec: HostSpec, check: HostCheck) -> bool:
-        from launcher.ssh import fetch_host_key, key_fingerprint
+        from launcher.transport.ssh import fetch_host_key, key_fingerprint
 
         kind = (check.fingerprint or "ed25519 ").split()[0].lower()
         self.out.print(f"{escape(spec.name)} ({escape(spec.hostname)}) offers an SSH host key this machine has not "
@@ -346,8 +346,8 @@ class Wizard:
         self.out.print(Panel(grid, title="the plan", title_align="left"))
 
     def launch(self, plan: WizardPlan) -> int:
-        from launcher.job import render_failure_table
-        from launcher.training import train_job
+        from launcher.jobs.job import render_failure_table
+        from launcher.jobs.training import train_job
 
         save_hosts(plan.hosts_file, plan.hosts)
         self.written.append(plan.hosts_file)

@@ -114,10 +114,10 @@ def driver_main(args: argparse.Namespace) -> int:
     repo = Path(__file__).resolve().parent.parent
     if str(repo) not in sys.path:  # run as a file: `python benchmarks/allreduce_vs_gloo.py`
         sys.path.insert(0, str(repo))
-    from launcher.api import LaunchSpec, launch
     from launcher.benchmark import parse_sizes, source_version
-    from launcher.benchview import format_rate, format_size, format_time
-    from launcher.hosts import load_hosts
+    from launcher.jobs.api import LaunchSpec, launch
+    from launcher.room.hosts import load_hosts
+    from launcher.views.benchview import format_rate, format_size, format_time
 
     sizes = parse_sizes(args.sizes)
     hosts = load_hosts(args.hosts) if args.hosts else None

@@ -17,7 +17,7 @@ The quality protocol simulates the ranks in one process (benchmarks/diloco_sim.p
 wire); bytes per rank are counted as the strategies count them (distributed.compress.wire_bytes for the
 `--format` exchange, plus the 4-byte stop vote per round; DDP: a float32 ring all_sum per step), without the
 start-up broadcasts. `--check-real` trains one small configuration both ways, as real local ranks started
-through macrun's launcher (`launcher.training.plan_training` + `launcher.api.launch`, what `macrun train
+through macrun's launcher (`launcher.jobs.training.plan_training` + `launcher.jobs.api.launch`, what `macrun train
 --nproc N` does) and simulated, and prints how far apart their final validation losses are.
 
 Byte target and H: DDP sends 2(n-1)/n x 4P bytes per step; DiLoCo one exchange per H steps, so the ratio is
@@ -136,8 +136,8 @@ def protocol(cfg: Config, data: Path, args: argparse.Namespace,
 
 def real_check(args: argparse.Namespace, cfg: Config, data: Path, workdir: Path) -> dict[str, Any]:
     """One small DiLoCo configuration as real local ranks through the launcher and simulated: final losses."""
-    from launcher.api import launch
-    from launcher.training import plan_training
+    from launcher.jobs.api import launch
+    from launcher.jobs.training import plan_training
 
     spec = SimSpec("diloco", args.ranks, 3e-3, 0, h=args.check_h, outer_lr=0.7, outer_momentum=0.9)
     steps = args.check_steps
@@ -205,7 +205,7 @@ def human(x: float) -> str:
 
 def plots(rows: list[dict[str, Any]], best: dict[str, Any], ranks: int, png: Path) -> list[Path]:
     """Validation loss of each method's best against tokens (png) and against bytes per rank (png's -bytes)."""
-    from launcher.pngplot import line_plot, log_ticks
+    from launcher.views.pngplot import line_plot, log_ticks
 
     series = []
     for key, label in ((f"ddp_{ranks}r", "DDP"), (f"diloco_{ranks}r", "DiLoCo"), ("plain_1r", "plain 1 rank"),

@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a file: `python benchmarks/launch.py`
     sys.path.insert(0, str(REPO))
 
-from launcher.hosts import HostSpec, load_hosts, write_mlx_hostfile  # noqa: E402
+from launcher.room.hosts import HostSpec, load_hosts, write_mlx_hostfile  # noqa: E402
 
 STAMP = "MACRUN_BENCH_STAMP"
 # The trivial job: its very first statement takes the time; it prints it with its rank and exits.
@@ -130,7 +130,7 @@ def stage_script(setup: Setup) -> None:
     old_home = os.environ.get("HOME")
     os.environ["HOME"] = str(setup.home)
     try:
-        from launcher.ssh import connect_all
+        from launcher.transport.ssh import connect_all
 
         conns = connect_all(setup.hosts)
         try:

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         hosts_file, home = lab.state_dir / "hosts.json", lab.ssh_home
         n = args.lab_hosts
     else:
-        from launcher.hosts import load_hosts
+        from launcher.room.hosts import load_hosts
 
         hosts_file, home = args.hosts.resolve(), (args.home or Path.home()).resolve()
         n = sum(h.slots for h in load_hosts(hosts_file))

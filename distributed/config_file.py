@@ -1,7 +1,7 @@
 """Reading a config file or a `--set` value that may be hostile: size, encoding, YAML errors and depth, numbers
 too long for Python's int, values too deep or too big to print. Every failure is one ConfigError line.
 
-The over-long number and the short `show` are shared with the hosts file's reader (launcher/hosts_parse.py).
+The over-long number and the short `show` are shared with the hosts file's reader (launcher/room/hosts_parse.py).
 """
 
 from __future__ import annotations

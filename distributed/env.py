@@ -30,9 +30,9 @@ from distributed.errors import EnvContractError
 
 LINKS = ("thunderbolt", "network", "local")
 # mlx-lm fine-tunes on hosts: the folder on this rank's host that holds the same model as the launcher's
-# (launcher/modelfiles.py found or put it there); unset, model.path is resolved as on the launcher's machine.
+# (launcher/models/modelfiles.py found or put it there); unset, model.path is resolved as on the launcher's machine.
 MODEL_DIR_VAR = "MACRUN_MODEL_DIR"
-BACKENDS = ("ring", "jaccl", "jaccl-ring")  # MACRUN_BACKEND: what launcher/backend.py chose
+BACKENDS = ("ring", "jaccl", "jaccl-ring")  # MACRUN_BACKEND: what launcher/thunderbolt/backend.py chose
 
 
 @dataclass(frozen=True, slots=True)

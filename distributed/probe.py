@@ -8,7 +8,7 @@ Standard library only, and Python 3.9 syntax (macOS's system Python), so it can 
 not ready rather than crash on it. Parsers are pure functions of command output, tested on recorded
 output from macOS and Linux; the `collect_*` functions run the commands. RDMA over Thunderbolt is the
 exception: the probe hands back the raw output of its commands (bounded, each with its own timeout) and
-the launcher parses it (launcher/rdma.py), which keeps this script small.
+the launcher parses it (launcher/thunderbolt/rdma.py), which keeps this script small.
 """
 
 from __future__ import annotations
@@ -490,7 +490,7 @@ def collect(workdir: str, known_mlx: str | None = None, ports: int = 0) -> dict[
     """Everything the launcher's preflight needs to know about this host, and `ports` free TCP ports.
 
     With `known_mlx` equal to this host's mlx_fingerprint(), MLX is not imported: the launcher holds that
-    answer already (launcher/probecache.py), and "mlx" only says so. Asking for the ports here saves the
+    answer already (launcher/room/probecache.py), and "mlx" only says so. Asking for the ports here saves the
     launcher a second remote command (a session and an interpreter start) per host.
     """
     fingerprint = mlx_fingerprint()

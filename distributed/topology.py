@@ -7,7 +7,7 @@ cable per pair of neighbours that is the address of rank i's host on the cable t
 any other address of that host is on a cable rank i-1 is not plugged into (no route: MLX retries
 for 15 s, then fails with "[ring] Couldn't connect (error: 101)" while the other ranks wait forever).
 
-Several ranks on one host get consecutive ranks (launcher.hosts.layout_ranks), so only the first rank of
+Several ranks on one host get consecutive ranks (launcher.room.hosts.layout_ranks), so only the first rank of
 each host has its left neighbour on another host. The others have their left neighbour on the same host
 and list 127.0.0.1: the kernel carries traffic between a host's own processes over loopback whatever
 address they use, and loopback needs no cable or configured address.

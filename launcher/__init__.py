@@ -1,5 +1,5 @@
 """macrun's driver side: hosts, SSH, preflight, sync, rendezvous and job control."""
 
-from launcher.deferred import defer_invoke
+from launcher.transport.deferred import defer_invoke
 
 defer_invoke()

@@ -1,10 +1,10 @@
 """`macrun benchmark`: run `distributed.bench` on the ranks and links a training run would use, and report it.
 
-The benchmark is launched exactly as training is (`launcher.api.launch`: same hosts, same ring placement,
+The benchmark is launched exactly as training is (`launcher.jobs.api.launch`: same hosts, same ring placement,
 same env contract); only the program differs. Rank 0 prints its figures as `MACRUN-BENCH <json>` lines
 (see distributed/bench.py), which `BenchmarkCollector` takes out of the output stream. The report is one
 JSON document with every figure plus what identifies the run (hosts, MLX, macrun's git commit), so two
-runs can be compared (`compare_reports`) and plotted (launcher/pngplot.py).
+runs can be compared (`compare_reports`) and plotted (launcher/views/pngplot.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from rich.console import Console
 
 from distributed.bench import DTYPES, TYPES, parse_event
 from distributed.errors import RunFailedError, UsageError
-from launcher.api import SOURCE_ROOT, LaunchSpec, launch
-from launcher.benchview import BenchmarkDisplay, compare_reports, format_size, plot_reports, render_report
-from launcher.hosts import HostSpec
-from launcher.job import RankSpec, RunResult
+from launcher.jobs.api import SOURCE_ROOT, LaunchSpec, launch
+from launcher.jobs.job import RankSpec, RunResult
+from launcher.room.hosts import HostSpec
+from launcher.views.benchview import BenchmarkDisplay, compare_reports, format_size, plot_reports, render_report
 
 FORMAT = "macrun-benchmark/1"
 DEFAULT_SIZES = {"allreduce": "1K,1M,16M,256M", "latency": "4,64,512,4K", "bandwidth": ""}
@@ -52,7 +52,7 @@ class BenchmarkSpec:
     hosts: Sequence[HostSpec] | None = None
     nproc: int = 2
     link: str = "auto"
-    backend: str = "auto"  # auto | ring | jaccl | jaccl-ring (launcher/backend.py)
+    backend: str = "auto"  # auto | ring | jaccl | jaccl-ring (launcher/thunderbolt/backend.py)
     accept_new_host_keys: bool = False
     run_dir: Path = field(default_factory=lambda: Path("runs").resolve() / "benchmark")
 

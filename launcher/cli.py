@@ -76,7 +76,7 @@ def _emit(line: str) -> None:
 def _load_hosts(path: Path | None) -> Any:
     if path is None:
         return None
-    from launcher.hosts import load_hosts
+    from launcher.room.hosts import load_hosts
 
     return load_hosts(path)
 
@@ -88,13 +88,13 @@ def _check_link(link: str) -> str:
 
 
 def _check_backend(backend: str) -> str:
-    from launcher.backend import check_backend
+    from launcher.thunderbolt.backend import check_backend
 
     return check_backend(backend)
 
 
 def _finish(result: Any) -> None:
-    from launcher.job import render_failure_table
+    from launcher.jobs.job import render_failure_table
 
     if result.exit_code != 0 and not getattr(result, "stopped_gracefully", False):
         err.print(render_failure_table(result))
@@ -139,8 +139,8 @@ def train(
     with user_errors():
         if backend is not None:  # the command line wins over strategy.backend in the config
             overrides.append(f"strategy.backend={_check_backend(backend)}")
-        from launcher.display import TrainingDisplay
-        from launcher.training import train_job
+        from launcher.jobs.training import train_job
+        from launcher.views.display import TrainingDisplay
 
         with TrainingDisplay(out) as display:
             result = train_job(config, overrides, hosts=_load_hosts(hosts), nproc=nproc, resume=resume,
@@ -184,15 +184,15 @@ def run(
         if not argv:
             raise UsageError("no command given", hint="put it after --, e.g. macrun run -- python script.py")
         from distributed.config import validate_run_name
-        from launcher.api import LaunchSpec, launch
-        from launcher.hosts import load_hosts
+        from launcher.jobs.api import LaunchSpec, launch
+        from launcher.room.hosts import load_hosts
 
         name = validate_run_name(name, what="--name")
         host_list = load_hosts(hosts) if hosts else None
         files: dict[str, Path] = {}
         workdir = ""
         if host_list:
-            from launcher.project import plan_project
+            from launcher.jobs.project import plan_project
 
             project = plan_project(argv, extra=sync or [], sync=not no_sync)
             for note in project.notes:
@@ -215,12 +215,12 @@ def hosts_check(
 ) -> None:
     """Connect to every host and show what it has (Python, MLX, chip, memory, links); start nothing."""
     with user_errors():
-        from launcher.remote import check_hosts_file
+        from launcher.jobs.remote import check_hosts_file
 
         table, problems = check_hosts_file(_load_hosts(hosts), accept_new_host_keys=accept_new_host_keys)
         out.print(table)
         if problems:
-            from launcher.preflight import raise_for_problems
+            from launcher.room.preflight import raise_for_problems
 
             raise_for_problems(problems)
 
@@ -234,7 +234,7 @@ def hosts_trust(
 ) -> None:
     """Fetch a host's SSH key, show its fingerprint and, once you confirm it, add it to ~/.ssh/known_hosts."""
     with user_errors():
-        from launcher.ssh import describe_key, fetch_host_key
+        from launcher.transport.ssh import describe_key, fetch_host_key
 
         matches = [h for h in _load_hosts(hosts) if h.name == name]
         if not matches:
@@ -277,8 +277,8 @@ def hosts_setup_thunderbolt(
     with user_errors():
         if apply and undo:
             raise UsageError("--apply and --undo do opposite things", hint="pick one of them")
-        from launcher.ssh import connect_all
-        from launcher.tbsetup import setup_thunderbolt
+        from launcher.thunderbolt.tbsetup import setup_thunderbolt
+        from launcher.transport.ssh import connect_all
 
         specs = _load_hosts(hosts)
         conns = connect_all(specs, accept_new_host_key=accept_new_host_keys)

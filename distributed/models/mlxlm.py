@@ -12,7 +12,7 @@ written in the files mlx-lm reads back:
 
 A model is a local folder or a repo name already in this machine's Hugging Face cache; nothing is fetched.
 On a host the launcher may name the folder to load instead (env MACRUN_MODEL_DIR: where that host holds the
-same files, found or pushed by launcher/modelpush.py); `model.path` still names the model in checkpoints.
+same files, found or pushed by launcher/models/modelpush.py); `model.path` still names the model in checkpoints.
 """
 
 from __future__ import annotations

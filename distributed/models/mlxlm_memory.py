@@ -1,6 +1,6 @@
 """How much memory one rank needs to fine-tune an mlx-lm model, worked out from its files without loading it.
 
-Read before launch (launcher/fit.py compares it with every host's memory), so it touches neither MLX nor
+Read before launch (launcher/room/fit.py compares it with every host's memory), so it touches neither MLX nor
 mlx-lm: the weights' size is the `model*.safetensors` files' size (what mlx-lm loads, quantised or not),
 and the shapes of what trains come from those files' headers (the first few KB of each):
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from distributed.errors import HostError
-from launcher.api import LaunchSpec, launch
-from launcher.hosts import HostSpec
+from launcher.jobs.api import LaunchSpec, launch
+from launcher.room.hosts import HostSpec
 from tests.support.sshd import SshdHandle, requires_openssh
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180), requires_openssh]

@@ -192,8 +192,8 @@ def test_ranks_that_drift_apart_are_caught_at_the_next_eval(tmp_path: Path, data
 
 
 def test_macrun_train_two_local_ranks_picks_ddp_on_a_local_link(tmp_path: Path, data_dir: Path) -> None:
-    from launcher.api import launch
-    from launcher.training import plan_training
+    from launcher.jobs.api import launch
+    from launcher.jobs.training import plan_training
 
     config = tmp_path / "tiny.yaml"
     cfg = {**TINY, "run": {"name": "ddp", "output_dir": str(tmp_path / "runs")}}

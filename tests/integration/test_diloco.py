@@ -174,8 +174,8 @@ def test_rounds_match_the_numpy_reference(tmp_path: Path, data_dir: Path, dtype:
 
 def test_macrun_train_runs_diloco_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     """DiLoCo through the launcher (auto mode's measured choice is shown in tests/lab/test_lab_train.py)."""
-    from launcher.api import launch
-    from launcher.training import plan_training
+    from launcher.jobs.api import launch
+    from launcher.jobs.training import plan_training
 
     config = tmp_path / "tiny.yaml"
     cfg = {**TINY, "run": {"name": "diloco", "output_dir": str(tmp_path / "runs")},

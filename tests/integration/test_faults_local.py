@@ -30,8 +30,8 @@ from distributed.checkpoint import (
     save_rank_state,
 )
 from distributed.progress import SKIP_COLLECTIVE_ENV
-from launcher.job import RankState, RunResult, render_failure_table
-from launcher.training import train_job
+from launcher.jobs.job import RankState, RunResult, render_failure_table
+from launcher.jobs.training import train_job
 from tests.support.sshd import descendants
 
 pytestmark = [pytest.mark.integration]

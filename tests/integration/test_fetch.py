@@ -1,4 +1,4 @@
-"""launcher.fetch over a real sshd on loopback: only plain files and folders come back, never through links."""
+"""launcher.jobs.fetch over a real sshd on loopback: only plain files and folders come back, never through links."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher import ssh
-from launcher.fetch import CheckpointFetcher, fetch_tree
-from launcher.hosts import HostSpec
+from launcher.jobs.fetch import CheckpointFetcher, fetch_tree
+from launcher.room.hosts import HostSpec
+from launcher.transport import ssh
 from tests.support.sshd import SshdHandle, requires_openssh
 
 pytestmark = [requires_openssh, pytest.mark.integration, pytest.mark.timeout(60)]

@@ -192,8 +192,8 @@ def test_a_repo_name_resolves_from_the_hugging_face_cache_only(tmp_path: Path, m
 
 def test_a_hosts_launch_syncs_the_examples_and_fetches_fresh_exports(tmp_path: Path, models: dict[str, Path],
                                                                       chat: Path) -> None:
-    from launcher.hostspec import HostSpec
-    from launcher.training import plan_training
+    from launcher.jobs.training import plan_training
+    from launcher.room.hostspec import HostSpec
 
     path = tmp_path / "lora.yaml"
     path.write_text(yaml.safe_dump({"run": {"name": "hosts", "output_dir": str(tmp_path / "runs")},

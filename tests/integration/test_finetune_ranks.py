@@ -112,8 +112,8 @@ def test_macrun_train_two_ranks_diloco_writes_adapters_mlx_lm_loads(tmp_path: Pa
                                                                    chat: Path) -> None:
     from mlx_lm import generate, load
 
-    from launcher.api import launch
-    from launcher.training import plan_training
+    from launcher.jobs.api import launch
+    from launcher.jobs.training import plan_training
 
     cfg = config(models["qwen2"], chat, 2, run={"name": "lora", "output_dir": str(tmp_path / "runs")},
                  strategy={"mode": "diloco", "inner_steps": 3})

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from launcher import preflight, remote, ssh, sync
-from launcher.api import LaunchSpec, launch
-from launcher.hosts import HostSpec
+from launcher.jobs import remote
+from launcher.jobs.api import LaunchSpec, launch
+from launcher.room import preflight
+from launcher.room.hosts import HostSpec
+from launcher.transport import ssh, sync
 from tests.support.sshd import SshdHandle, requires_openssh
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180), requires_openssh]

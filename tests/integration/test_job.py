@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from launcher.job import (
+from launcher.jobs.job import (
     HARD_STOP_MARGIN_S,
     RankSpec,
     RankState,
@@ -386,7 +386,7 @@ def test_secret_never_appears_on_a_command_line(tmp_path: Path) -> None:
 DRIVER = """
 import json, sys
 from pathlib import Path
-from launcher.job import local_rank_specs, run_ranks
+from launcher.jobs.job import local_rank_specs, run_ranks
 work, code = sys.argv[1], sys.argv[2]
 specs = local_rank_specs([sys.executable, "-c", code], 2, lambda r: {"RANK": str(r)}, work, sys.executable)
 result = run_ranks(specs, log_dir=Path(work) / "logs", emit=lambda line: print(line, flush=True), grace=1.0)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher import ssh
-from launcher.hosts import HostSpec
-from launcher.job import LocalLauncher, RankSpec, RankState, SSHLauncher, run_ranks
+from launcher.jobs.job import LocalLauncher, RankSpec, RankState, SSHLauncher, run_ranks
+from launcher.room.hosts import HostSpec
+from launcher.transport import ssh
 from tests.integration.test_job import (
     BLOCK,
     FAIL_AFTER_GATE,

@@ -21,12 +21,13 @@ import pytest
 
 from distributed.errors import HostError
 from distributed.models.mlxlm_memory import MemoryEstimate
-from launcher import modelfiles, ssh
-from launcher.api import LaunchSpec, launch
-from launcher.fit import FitError
-from launcher.hosts import HostSpec
-from launcher.modelfiles import ModelSpec, check_model, check_models, local_manifest
-from launcher.modelpush import place_models, push_model
+from launcher.jobs.api import LaunchSpec, launch
+from launcher.models import modelfiles
+from launcher.models.modelfiles import ModelSpec, check_model, check_models, local_manifest
+from launcher.models.modelpush import place_models, push_model
+from launcher.room.fit import FitError
+from launcher.room.hosts import HostSpec
+from launcher.transport import ssh
 from tests.support.sshd import SshdHandle, requires_openssh
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120), requires_openssh]
@@ -215,7 +216,7 @@ def test_macrun_train_pushes_the_model_and_the_rank_loads_it_from_the_store(
         tmp_path: Path) -> None:
     import yaml
 
-    from launcher.training import train_job
+    from launcher.jobs.training import train_job
     from tests.support.tinyhf import tiny_models, write_dataset
 
     name = f"~/{area.name}/llama"

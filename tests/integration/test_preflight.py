@@ -18,9 +18,10 @@ from rich.console import Console
 
 from distributed import probe
 from distributed.errors import HostError
-from launcher import preflight, ssh
-from launcher.hosts import HostSpec
-from launcher.preflight import HostFacts, InterfaceFacts
+from launcher.room import preflight
+from launcher.room.hosts import HostSpec
+from launcher.room.preflight import HostFacts, InterfaceFacts
+from launcher.transport import ssh
 from tests.support.recorded import MAC_PORTS
 from tests.support.sshd import SshdHandle, requires_openssh
 
@@ -322,7 +323,7 @@ def test_probe_skips_the_mlx_import_while_the_install_is_unchanged(tmp_path: Pat
 @needs_sshd
 def test_launcher_reuses_the_cached_mlx_answer(connect, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from launcher import probecache
+    from launcher.room import probecache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     conn = connect("loop", VENV_PYTHON)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import ssh
-from launcher.hosts import HostSpec
-from launcher.job import LocalLauncher, RankSpec, RankState, SSHLauncher, run_ranks
-from launcher.rankio import TrackedRank, start_shims
+from launcher.jobs.job import LocalLauncher, RankSpec, RankState, SSHLauncher, run_ranks
+from launcher.jobs.rankio import TrackedRank, start_shims
+from launcher.room.hosts import HostSpec
+from launcher.transport import ssh
 from tests.integration.test_job import BLOCK, Collector, states
 from tests.support.sshd import SshdHandle, requires_openssh
 

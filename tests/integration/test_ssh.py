@@ -1,4 +1,4 @@
-"""launcher.ssh against a real OpenSSH server on 127.0.0.1, with HOME isolated (never the real ~/.ssh)."""
+"""launcher.transport.ssh against a real OpenSSH server on 127.0.0.1, with HOME isolated (never the real ~/.ssh)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from distributed.errors import ConfigError, HostError
-from launcher import ssh
-from launcher.hosts import HostSpec
+from launcher.room.hosts import HostSpec
+from launcher.transport import ssh
 from tests.integration.conftest import isolate_home
 from tests.support.sshd import SshdHandle, make_client_key, make_ssh_home, requires_openssh, start_sshd
 

@@ -1,4 +1,4 @@
-"""launcher.sync over a real sshd on loopback: only changed files travel, atomically, exec bit kept."""
+"""launcher.transport.sync over a real sshd on loopback: only changed files travel, atomically, exec bit kept."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher import ssh, sync
-from launcher.hosts import HostSpec
+from launcher.room.hosts import HostSpec
+from launcher.transport import ssh, sync
 from tests.support.sshd import SshdHandle, requires_openssh
 
 REPO = Path(__file__).resolve().parents[2]

@@ -37,8 +37,8 @@ from typing import NamedTuple
 from tests.lab.labnet import WIFI_IFACE, Lab, LabHost, wait_until
 
 FAULT_KINDS = ("kill", "stop", "cable", "wifi")  # SIGKILL a rank, SIGSTOP it, pull a Thunderbolt cable, drop Wi-Fi
-RANK_PATTERN = "distributed.worker"  # in the command line of a training process (launcher/training.py)
-SHIM_PATTERN = "distributed.rankshim"  # the shim that starts it (launcher/ranks.py): never a target
+RANK_PATTERN = "distributed.worker"  # in the command line of a training process (launcher/jobs/training.py)
+SHIM_PATTERN = "distributed.rankshim"  # the shim that starts it (launcher/transport/ranks.py): never a target
 LINK_TIMEOUT_S = 5.0  # a veth's carrier follows its peer within milliseconds; this only bounds a hang
 WIFI_PREFIX_LEN, TB_PREFIX_LEN = 24, 30  # as labsetup.build_network assigns them
 

@@ -17,9 +17,9 @@ from distributed.links import Link, LinkMeasurement
 from distributed.store import new_secret
 from distributed.store_server import StoreServer
 from distributed.topology import RingHost, plan_ring
-from launcher.api import LaunchSpec, launch
-from launcher.hosts import load_hosts
-from launcher.job import RankSpec
+from launcher.jobs.api import LaunchSpec, launch
+from launcher.jobs.job import RankSpec
+from launcher.room.hosts import load_hosts
 from tests.lab import labsetup
 from tests.lab.labnet import Lab, LabHost, session_prefix
 from tests.lab.scripts.macrun_proc import run_macrun

@@ -208,9 +208,9 @@ def test_hosts_file_lists_every_host_and_loads(lab: Lab, tmp_path: Path) -> None
     assert [e["host"] for e in entries] == [lab.hosts[0].wifi_ip, lab.hosts[2].wifi_ip]
     assert all(e["slots"] == 2 and e["user"] == "root" for e in entries)
     assert entries[1]["fast_ips"] == list(lab.hosts[2].tb.values())
-    hosts = pytest.importorskip("launcher.hosts")
+    hosts = pytest.importorskip("launcher.room.hosts")
     if not hasattr(hosts, "load_hosts"):
-        pytest.skip("launcher.hosts.load_hosts not written yet")
+        pytest.skip("launcher.room.hosts.load_hosts not written yet")
     specs = hosts.load_hosts(path)
     assert [s.hostname for s in specs] == [lab.hosts[0].wifi_ip, lab.hosts[2].wifi_ip]
     assert [s.python for s in specs] == [lab.hosts[0].python, lab.hosts[2].python]

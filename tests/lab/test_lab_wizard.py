@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.discovery import browse
-from launcher.plan import list_models
+from launcher.room.discovery import browse
+from launcher.views.plan import list_models
 from tests.lab.labnet import Lab
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from distributed.config import load_config
 from distributed.env import RankEnv
 from distributed.errors import ConfigError, EnvContractError, HostError, UsageError
-from launcher.api import LaunchSpec, launch
-from launcher.backend import CABLE_HINT, BackendHost, check_backend, choose_backend, pick_coordinator
 from launcher.cli import app
-from launcher.preflight import InterfaceFacts
-from launcher.rdma import RdmaFacts
+from launcher.jobs.api import LaunchSpec, launch
+from launcher.room.preflight import InterfaceFacts
+from launcher.thunderbolt.backend import CABLE_HINT, BackendHost, check_backend, choose_backend, pick_coordinator
+from launcher.thunderbolt.rdma import RdmaFacts
 from tests.support.recorded_rdma import Mac, Room
 
 ENABLE = "run `rdma_ctl enable` in recovery mode on macOS 26.2+"
@@ -262,8 +262,8 @@ def test_remote_launch_orders_ranks_along_the_rdma_ring_and_picks_the_coordinato
     from dataclasses import replace
 
     from distributed.topology import plan_ring
-    from launcher.hosts import HostSpec
-    from launcher.remote import _plan_backend, ring_host
+    from launcher.jobs.remote import _plan_backend, ring_host
+    from launcher.room.hosts import HostSpec
     from tests.unit.test_rdma import mac_facts
 
     room = ring_room()

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LOADED = """
 import json, sys
 import launcher  # noqa: F401  (defers invoke before anything imports paramiko)
-import launcher.cli, launcher.api, launcher.remote, launcher.project
+import launcher.cli, launcher.jobs.api, launcher.jobs.remote, launcher.jobs.project
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in
                         ("invoke", "unittest", "mlx", "numpy", "mlx_lm", "questionary", "zeroconf"))))
 """  # "invoke" itself is the stand-in; any invoke.* submodule would mean the real one was loaded

@@ -104,7 +104,7 @@ def test_config_zero_means_auto_and_the_worker_resolves_it_without_measuring() -
 
 def test_the_plan_shows_auto_h_without_dividing_by_it() -> None:
     from distributed.config import config_from_dict
-    from launcher.plan import describe_strategy, describe_traffic
+    from launcher.views.plan import describe_strategy, describe_traffic
 
     cfg = config_from_dict({"strategy": {"mode": "diloco"}})
     assert "every H steps (H chosen at start" in describe_strategy(cfg, 3, "network")[1]

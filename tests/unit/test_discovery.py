@@ -1,4 +1,4 @@
-"""Unit tests for launcher/discovery.py: names, addresses, the env switch, and merging with hosts.json.
+"""Unit tests for launcher/room/discovery.py: names, addresses, the env switch, and merging with hosts.json.
 
 Browsing itself needs multicast between machines; it is tested against the lab's announcers in
 tests/lab/test_lab_wizard.py (bound to the lab's address, never this machine's real interfaces).
@@ -12,7 +12,7 @@ import pytest
 from zeroconf import ServiceInfo
 
 from distributed.errors import ConfigError
-from launcher.discovery import (
+from launcher.room.discovery import (
     DEVICE_INFO_SERVICE,
     SSH_SERVICE,
     DiscoveredHost,
@@ -25,7 +25,7 @@ from launcher.discovery import (
     to_discovered,
     unique_names,
 )
-from launcher.hosts import HostSpec, parse_hosts
+from launcher.room.hosts import HostSpec, parse_hosts
 
 
 def found(name: str, address: str, *, port: int = 22, model: str | None = "Mac16,10",

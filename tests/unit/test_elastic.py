@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.elastic import _classify
-from launcher.results import RankResult, RankState, RunResult
+from launcher.jobs.elastic import _classify
+from launcher.jobs.results import RankResult, RankState, RunResult
 
 
 def rank(r: int, state: RankState, code: int | None = 0, reason: str = "", detected: float | None = None) -> RankResult:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from launcher.events import EventLog, render_summary
-from launcher.fetch import _ANNOUNCED
+from launcher.jobs.events import EventLog, render_summary
+from launcher.jobs.fetch import _ANNOUNCED
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -15,10 +15,10 @@ from distributed.config import Config, config_from_dict
 from distributed.errors import ConfigError, UsageError
 from distributed.models import mlxlm
 from distributed.models.mlxlm_memory import MemoryEstimate, estimate_finetune_memory
-from launcher.display import LineProgress
-from launcher.fit import FitError, Machine, fit_problem, require_finetune_fit
-from launcher.modelfiles import Manifest, ModelSpec
-from launcher.training import plan_training
+from launcher.jobs.training import plan_training
+from launcher.models.modelfiles import Manifest, ModelSpec
+from launcher.room.fit import FitError, Machine, fit_problem, require_finetune_fit
+from launcher.views.display import LineProgress
 from tests.support.tinyhf import LLAMA, tiny_models
 
 GIB = 2**30
@@ -129,7 +129,7 @@ def test_a_terminal_shows_a_byte_bar_and_gets_its_training_bar_back() -> None:
 
     from rich.console import Console
 
-    from launcher.display import BarProgress, TrainingDisplay
+    from launcher.views.display import BarProgress, TrainingDisplay
 
     console = Console(file=StringIO(), force_terminal=True, width=100)
     with TrainingDisplay(console) as display:

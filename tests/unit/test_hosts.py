@@ -1,4 +1,4 @@
-"""Unit tests for launcher/hosts.py: validation messages, defaults, MLX interop, saving, rank layout."""
+"""Unit tests for launcher/room/hosts.py: validation messages, defaults, MLX interop, saving, rank layout."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from distributed.errors import HostsError
-from launcher.hosts import (
+from launcher.room.hosts import (
     HostSpec,
     RankSlot,
     layout_ranks,

@@ -1,4 +1,4 @@
-"""launcher/known_hosts.py on real files: every entry form OpenSSH writes, markers, and lines it must survive."""
+"""launcher/room/known_hosts.py on real files: every entry form OpenSSH writes, markers, and lines it must survive."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distributed.errors import HostError
-from launcher import known_hosts as kh
+from launcher.room import known_hosts as kh
 
 
 def blob(kind: str = "ssh-ed25519", body: bytes = b"key-one") -> bytes:

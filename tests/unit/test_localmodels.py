@@ -1,4 +1,4 @@
-"""The mlx-lm models the wizard offers (launcher/localmodels.py): found in a Hugging Face cache layout and in
+"""The mlx-lm models the wizard offers (launcher/models/localmodels.py): found in a Hugging Face cache layout and in
 ./models, sized from their files, held against what mlx-lm builds from the same tiny models (tests/support)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from distributed.config import load_config
 from distributed.models import mlxlm
 from distributed.models.mlxlm_memory import estimate_finetune_memory
-from launcher.localmodels import (
+from launcher.models.localmodels import (
     SOURCE_HF,
     SOURCE_MODELS,
     count_parameters,
@@ -20,7 +20,7 @@ from launcher.localmodels import (
     find_local_models,
     hf_hub_cache,
 )
-from launcher.plan import FINETUNE_CONFIG, finetune_choice, set_override
+from launcher.views.plan import FINETUNE_CONFIG, finetune_choice, set_override
 from tests.support.tinyhf import put_in_hf_cache, tiny_models, write_dataset
 
 LORA_CHAT = Path(__file__).resolve().parents[2] / "configs" / FINETUNE_CONFIG

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from launcher.macmodels import MAC_MODELS, describe_mac, mac_model_name
+from launcher.models.macmodels import MAC_MODELS, describe_mac, mac_model_name
 
 
 @pytest.mark.parametrize(("identifier", "name"), [

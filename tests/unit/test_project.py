@@ -1,4 +1,4 @@
-"""What `macrun run` copies to the hosts (launcher.project): the project, not the script alone."""
+"""What `macrun run` copies to the hosts (launcher.jobs.project): the project, not the script alone."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from distributed.errors import UsageError
-from launcher import project as project_mod
-from launcher.project import REMOTE_ROOT, plan_project
+from launcher.jobs import project as project_mod
+from launcher.jobs.project import REMOTE_ROOT, plan_project
 
 
 def make(root: Path, files: dict[str, str | bytes]) -> None:

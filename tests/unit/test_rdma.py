@@ -16,9 +16,16 @@ import pytest
 from rich.console import Console
 
 from distributed import probe
-from launcher import preflight
-from launcher.preflight import HostFacts, InterfaceFacts
-from launcher.rdma import RdmaFacts, describe_ports, parse_ibv_devices, parse_ibv_devinfo, parse_thunderbolt, peer_links
+from launcher.room import preflight
+from launcher.room.preflight import HostFacts, InterfaceFacts
+from launcher.thunderbolt.rdma import (
+    RdmaFacts,
+    describe_ports,
+    parse_ibv_devices,
+    parse_ibv_devinfo,
+    parse_thunderbolt,
+    peer_links,
+)
 from tests.support.recorded_rdma import IBV_DEVICES, IBV_DEVICES_NONE, Mac, Room, devinfo_block, uid
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""launcher/shell.py: what reaches a host's shell; each rule checked by running the words in a real `sh`."""
+"""launcher/transport/shell.py: what reaches a host's shell; each rule checked by running the words in a real `sh`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from distributed.errors import ConfigError
-from launcher.ranks import RankSpec, SSHLauncher, shim_request
-from launcher.shell import check_env_names, env_exports, expand_home, shell_path
+from launcher.transport.ranks import RankSpec, SSHLauncher, shim_request
+from launcher.transport.shell import check_env_names, env_exports, expand_home, shell_path
 
 NASTY = "a b'c \"d\" $HOME `id` $(id) ; & | * ~ \\ \n end"
 

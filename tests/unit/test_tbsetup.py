@@ -14,12 +14,11 @@ from typer.testing import CliRunner
 
 from distributed.probe import parse_hardware_ports
 from launcher.cli import app
-from launcher.hosts import load_hosts
-from launcher.rdma import parse_thunderbolt
-from launcher.sshconn import CommandResult
-from launcher.tbsetup import read_record, run_actions, save_doc, sudo_wrap, updated_hosts_doc
-from launcher.tbsetup_parse import HostNet, NetIface
-from launcher.tbsetup_plan import (
+from launcher.room.hosts import load_hosts
+from launcher.thunderbolt.rdma import parse_thunderbolt
+from launcher.thunderbolt.tbsetup import read_record, run_actions, save_doc, sudo_wrap, updated_hosts_doc
+from launcher.thunderbolt.tbsetup_parse import HostNet, NetIface
+from launcher.thunderbolt.tbsetup_plan import (
     ADD,
     DEL,
     DOWN,
@@ -33,6 +32,7 @@ from launcher.tbsetup_plan import (
     plan_setup,
     plan_undo,
 )
+from launcher.transport.sshconn import CommandResult
 from tests.support.recorded_rdma import Room
 
 ORDER = ["h0", "h1", "h2"]

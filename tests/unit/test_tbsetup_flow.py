@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from distributed.errors import HostError, UsageError
-from launcher.hosts import load_hosts
-from launcher.sshconn import CommandResult
-from launcher.tbsetup import setup_thunderbolt
-from launcher.tbsetup_parse import GATHER, MARK
+from launcher.room.hosts import load_hosts
+from launcher.thunderbolt.tbsetup import setup_thunderbolt
+from launcher.thunderbolt.tbsetup_parse import GATHER, MARK
+from launcher.transport.sshconn import CommandResult
 from tests.support.recorded_rdma import Room
 
 PASSWORD = "correct horse"

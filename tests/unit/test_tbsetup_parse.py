@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from launcher.tbsetup_parse import (
+from launcher.thunderbolt.tbsetup_parse import (
     MARK,
     host_net,
     ifaces_from_ifconfig,

@@ -131,9 +131,9 @@ def test_bad_input_is_a_host_error() -> None:
 
 
 def test_launcher_view_of_a_host_counts_fast_ips_as_thunderbolt() -> None:
-    from launcher.hosts import HostSpec
-    from launcher.preflight import HostFacts, InterfaceFacts
-    from launcher.remote import ring_host
+    from launcher.jobs.remote import ring_host
+    from launcher.room.hosts import HostSpec
+    from launcher.room.preflight import HostFacts, InterfaceFacts
 
     def facts(name: str, *interfaces: InterfaceFacts) -> HostFacts:
         return HostFacts(name=name, hostname=name, python_version="3.12.4", python_executable="python3",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.watchdog import MIN_PROGRESS_TIMEOUT_S, Watch, find_stuck
+from launcher.jobs.watchdog import MIN_PROGRESS_TIMEOUT_S, Watch, find_stuck
 
 
 def rep(step: int, collectives: int, stalled: float, doing: str = "", step_s: float | None = 0.1,

@@ -1,4 +1,4 @@
-"""Unit tests for the wizard's pure logic: launcher/plan.py, launcher/hostcheck.py and wizard.py's helpers."""
+"""Unit tests for the wizard's pure logic: launcher/views/plan.py, launcher/room/hostcheck.py, wizard.py's helpers."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from distributed.errors import ConfigError, HostError, HostsError
 from distributed.links import Link
 from distributed.topology import RingHost, plan_ring
 from distributed.topology_islands import plan_islands
-from launcher import ssh
-from launcher.discovery import Candidate, candidate_from_address, template_from_file
-from launcher.hostcheck import CheckState, judge, render_checks, unknown_key_fingerprint
-from launcher.hosts import HostSpec, load_hosts
-from launcher.plan import (
+from launcher.room.discovery import Candidate, candidate_from_address, template_from_file
+from launcher.room.hostcheck import CheckState, judge, render_checks, unknown_key_fingerprint
+from launcher.room.hosts import HostSpec, load_hosts
+from launcher.room.preflight import GIB, HostFacts, InterfaceFacts
+from launcher.transport import ssh
+from launcher.views.plan import (
     Machine,
     WizardPlan,
     default_model,
@@ -43,7 +44,6 @@ from launcher.plan import (
     run_config_text,
     write_atomic,
 )
-from launcher.preflight import GIB, HostFacts, InterfaceFacts
 from tests.support.tinyhf import put_in_hf_cache, tiny_models, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -309,7 +309,7 @@ def test_render_checks_marks_each_state() -> None:
     from rich.console import Console
 
     checks, _ = judge({"a": facts("a", memory_gib=24, tb=("10.0.1.1/30",))})
-    from launcher.hostcheck import HostCheck
+    from launcher.room.hostcheck import HostCheck
 
     checks["ghost"] = HostCheck("ghost", CheckState.UNREACHABLE, reason="connection refused")
     console = Console(width=160, record=True, color_system=None)
@@ -390,7 +390,7 @@ def test_template_from_file_reads_defaults_only(tmp_path: Path) -> None:
 def test_view_titles_and_table() -> None:
     from rich.console import Console
 
-    from launcher.wizard_view import candidate_title, candidates_table, model_title, shown_path
+    from launcher.views.wizard_view import candidate_title, candidates_table, model_title, shown_path
 
     c = Candidate("mbp", "10.0.0.2", 2222, "Mac15,3", "both", HostSpec("mbp", "10.0.0.2"), note="mDNS sees it at x")
     assert candidate_title(c).split() == ["mbp", "10.0.0.2:2222", "MacBook", "Pro", "(14-inch,", "M3,", "2023)",

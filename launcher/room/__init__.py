@@ -1,0 +1,1 @@
+"""The hosts and what is known of them: hosts files, discovery, known hosts, preflight probes, caches and fit."""
