@@ -169,7 +169,8 @@ class FaultConfig:
     heartbeat_timeout: float = _f(10.0, "Seconds without a heartbeat (sent every 2 s) before a rank's host "
                                   "counts as dead: frozen, asleep, partitioned.", gt=0.0)
     progress_timeout: float = _f(0.0, "Seconds without any rank finishing a step before the run counts as "
-                                 "stuck (a collective that never completes). 0: max(60 s, 20 median steps).",
+                                 "stuck (a collective that never completes). 0: max(60 s, 20 median steps). "
+                                 "The first step of a run or restart, which compiles, always gets at least 60 s.",
                                  min=0.0)
     launcher_timeout: float = _f(30.0, "A rank that cannot reach the launcher for this long ends itself, so a "
                                  "partitioned Mac holds no job processes once it is back.", gt=0.0)

@@ -14,6 +14,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 MIN_PROGRESS_TIMEOUT_S = 60.0  # the automatic progress timeout never goes below this
+# Until some rank has finished a step of this attempt, the first step (which compiles the step, and on a resume
+# follows the checkpoint's hand-out) gets at least this long, whatever fault.progress_timeout says: a short
+# timeout is for a hang between steps, and a busy machine can take seconds to compile.
+FIRST_STEP_TIMEOUT_S = MIN_PROGRESS_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ def find_stuck(reports: Mapping[int, Mapping], ranks: Sequence[int],
     mine = {r: reports[r] for r in ranks}
     stalled = min(float(p["stalled"]) for p in mine.values())
     timeout = timeout_for(mine.values())
+    if all(p.get("step_s") is None for p in mine.values()):  # no step of this attempt has finished yet
+        timeout = max(timeout, FIRST_STEP_TIMEOUT_S)
     if stalled < timeout:
         return None
     behind = min(_position(p) for p in mine.values())

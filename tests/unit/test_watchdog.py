@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.jobs.watchdog import MIN_PROGRESS_TIMEOUT_S, Watch, find_stuck
+from launcher.jobs.watchdog import FIRST_STEP_TIMEOUT_S, MIN_PROGRESS_TIMEOUT_S, Watch, find_stuck
 
 
 def rep(step: int, collectives: int, stalled: float, doing: str = "", step_s: float | None = 0.1,
@@ -50,3 +50,14 @@ def test_every_rank_in_the_same_collective_blames_the_link_not_a_rank() -> None:
     assert stuck is not None and stuck.culprits == [0, 1, 2]
     assert "every rank is in the same collective at step 50 (gradient all_sum of step 51)" in stuck.reasons[0]
     assert "a link between them stopped carrying data" in stuck.reasons[0]
+
+
+def test_the_first_step_of_an_attempt_gets_the_compile_grace_even_under_a_short_timeout() -> None:
+    timeout = Watch(timeout=5).timeout_for
+    compiling = {0: rep(0, 1, 30, step_s=None, max_step_s=None), 1: rep(0, 1, 30, step_s=None, max_step_s=None)}
+    assert find_stuck(compiling, [0, 1], timeout) is None  # 30 s into the first step: still compiling
+    late = {r: {**p, "stalled": FIRST_STEP_TIMEOUT_S + 1} for r, p in compiling.items()}
+    stuck = find_stuck(late, [0, 1], timeout)
+    assert stuck is not None and stuck.timeout == FIRST_STEP_TIMEOUT_S
+    resumed = {0: rep(40, 3, 6, step_s=0.1), 1: rep(40, 3, 6, step_s=0.1)}  # a step done: the 5 s holds again
+    assert find_stuck(resumed, [0, 1], timeout) is not None
