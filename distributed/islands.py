@@ -35,6 +35,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from distributed.compress import exchange, ring_bytes, ring_sum_bytes
 from distributed.diloco import DiLoCoStrategy
@@ -118,20 +119,15 @@ class IslandStrategy(DiLoCoStrategy):
         super().__init__(groups.world, **diloco)
         self.groups = groups
         self.island = DDPStrategy(groups.island) if groups.island is not None else None
-
-    @classmethod
-    def from_config(cls, groups: Any, cfg: Any, *, log: Callable[[str], None] = print,  # type: ignore[override]
-                    steps: int | None = None) -> IslandStrategy:
-        flat = DiLoCoStrategy.from_config(None, cfg, log=log, steps=steps)
-        return cls(groups, inner_steps=flat.inner_steps, outer_lr=flat.outer_lr, outer_momentum=flat.outer_momentum,
-                   nesterov=flat.nesterov, exchange_dtype=flat.exchange_dtype, log=log)
+        self.island_step_bytes = 0  # what one step's gradient all_sum over the island sends from this rank
 
     def setup(self, model: nn.Module, *, rank: int, world_size: int) -> None:
         super().setup(model, rank=rank, world_size=world_size)  # rank 0's weights and outer state, on the world ring
         if self.island is not None:
             # The island already holds rank 0's weights: no second broadcast, only its step bytes.
             self.island.rank, self.island.world_size = self.groups.island_rank, self.groups.island_size
-            self.island._step_bytes = ring_bytes(sum(v.nbytes for v in _leaves(model)), self.groups.island_size)
+            payload = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+            self.island_step_bytes = ring_bytes(payload, self.groups.island_size)
 
     def reduce_gradients(self, grads: Any) -> Any:
         return self.island.reduce_gradients(grads) if self.island is not None else grads
@@ -139,7 +135,7 @@ class IslandStrategy(DiLoCoStrategy):
     def after_step(self, model: nn.Module, optimizer: Any, step: int, *, last: bool = False,
                    stop: bool = False) -> bool:
         if self.island is not None:
-            self.bytes_sent += self.island._step_bytes
+            self.bytes_sent += self.island_step_bytes
         return super().after_step(model, optimizer, step, last=last, stop=stop)
 
     def sync(self, model: nn.Module, optimizer: Any, step: int) -> None:
@@ -175,12 +171,6 @@ class IslandStrategy(DiLoCoStrategy):
             raise TrainingError(f"every island's pseudo-gradient has NaN/Inf at round {round_no} (step {step})",
                                 hint="lower train.lr, or strategy.inner_steps")
         self._outer(model, optimizer, total / ranks, round_no, step, valid)
-
-
-def _leaves(model: nn.Module) -> list[mx.array]:
-    from mlx.utils import tree_flatten
-
-    return [v for _, v in tree_flatten(model.trainable_parameters())]
 
 
 __all__ = ["IslandGroups", "IslandStrategy", "IslandsUnavailable", "open_groups"]

@@ -171,7 +171,7 @@ def choose_strategy(cfg: Config, env: RankEnv | None, client: Any = None, task: 
 
             if cfg.strategy.overlap:
                 reason += "\nstrategy.overlap is not available with islands: each exchange is waited for"
-            diloco = IslandStrategy.from_config(groups, dataclasses.replace(chosen, overlap=False),
+            diloco = IslandStrategy.from_config(groups, dataclasses.replace(chosen, overlap=False),  # type: ignore[arg-type]
                                                 log=lambda m: print(m, flush=True), steps=cfg.train.steps)
         else:
             diloco = DiLoCoStrategy.from_config(group, chosen, log=lambda m: print(m, flush=True),
