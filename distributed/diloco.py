@@ -221,18 +221,18 @@ class DiLoCoStrategy(Strategy):
         sent = exchange(delta * weight if weight != 1.0 else delta, valid, self.group, self.exchange_dtype,
                         self.exchange_state)
         total, count = sent.total, sent.count
-        weights = mx.array([float(self.world_size)])
+        weights = None  # balanced: the valid ranks' weights summed
         if self.shares is not None and self.group is not None:
             weights = mx.distributed.all_sum(mx.array([weight if valid else 0.0]), group=self.group)
             self.bytes_sent += ring_sum_bytes(1, 4, self.world_size, self.rank)
-        mx.eval(total, count, weights, *sent.arrays)
+        mx.eval(total, count, *([] if weights is None else [weights]), *sent.arrays)
         self.comm_seconds += time.perf_counter() - started
         self.bytes_sent += sent.bytes_sent  # counted at each collective (distributed.compress_wire)
         self.valid_ranks = int(count.item())
         if self.valid_ranks == 0:
             raise TrainingError(f"every rank's pseudo-gradient has NaN/Inf at DiLoCo round {round_no} (step {step})",
                                 hint="lower train.lr, or strategy.inner_steps")
-        divisor = self.valid_ranks if self.shares is None else float(weights.item())
+        divisor = self.valid_ranks if weights is None else float(weights.item())
         self._outer(model, optimizer, total / divisor, round_no, step, valid)
 
     def _outer(self, model: nn.Module, optimizer: Any, mean: mx.array, round_no: int, step: int,
